@@ -158,5 +158,7 @@ def messages_to_pairs(messages: Sequence[Message]) -> tuple[str | None, list[QAP
                 f"messages {index} and {index + 1} must be user then assistant, "
                 f"got {user.get('role')!r} then {assistant.get('role')!r}"
             )
-        pairs.append(QAPair(str(user["content"]), str(assistant["content"])))
+        if not isinstance(user.get("content"), str) or not isinstance(assistant.get("content"), str):
+            raise ValueError(f"messages {index} and {index + 1} must have string content")
+        pairs.append(QAPair(user["content"], assistant["content"]))
     return system, pairs
