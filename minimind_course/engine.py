@@ -1,0 +1,287 @@
+"""The generation engine: one worker thread runs the model, requests wait their turn in a bounded FIFO queue.
+
+Why this shape: a CPU laptop has one model and a few cores, so requests are served one at a time (no
+continuous batching as in vLLM), but never on the asyncio event loop, so the server keeps answering
+``/health``, streams other bytes and notices disconnects while the model works. A full queue is refused at
+once (the server turns that into HTTP 429) instead of letting waiting times grow without bound.
+
+The decode loop is our own rather than ``model.generate``: it checks a cancel flag before every token (a
+closed stream frees the worker at once), hands out every token as soon as it exists (no streamer thread),
+draws from a per-request ``torch.Generator`` (``seed`` is reproducible; ``generate`` uses the global RNG),
+and applies OpenAI's presence/frequency penalties. The logits pipeline itself is made of HF processors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from minimind_course.detokenize import IncrementalDetokenizer
+from minimind_course.sampling import SamplingParams, build_logits_pipeline, make_generator, next_tokens
+from minimind_course.stop_strings import StopStringMatcher
+
+DEFAULT_MAX_QUEUE = 64
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+class EngineBusyError(RuntimeError):
+    """The waiting queue is full; the caller should retry later (HTTP 429)."""
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus requested completion do not fit in the model's context (HTTP 400)."""
+
+    def __init__(self, max_model_len: int, prompt_tokens: int, completion_tokens: int):
+        self.max_model_len = max_model_len
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the messages, {completion_tokens} in "
+            "the completion). Please reduce the length of the messages or completion."
+        )
+
+
+class PromptError(ValueError):
+    """The messages could not be turned into a prompt (bad role order, bad template argument...)."""
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """New text of one choice in one step; ``finish_reason`` is set on its last delta ("stop" or "length")."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one decode step produced, plus running token counts for ``usage``."""
+
+    choices: list[ChoiceDelta]
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool
+
+
+@dataclass
+class GenerationResult:
+    """A finished request: full text and finish reason per choice, and token counts."""
+
+    texts: list[str]
+    finish_reasons: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class GenerationHandle:
+    """A submitted request: iterate it (async) for ``StepOutput``s; ``cancel()`` stops its generation."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def send(self, item: StepOutput | BaseException) -> None:
+        """Called from the worker thread: hand an item to the waiting coroutine on its event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[StepOutput]:
+        try:
+            while True:
+                item = await self.outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:  # the consumer left early (client disconnect, error): free the worker
+            self.cancel()
+
+    async def result(self) -> GenerationResult:
+        """Wait for the whole answer."""
+        texts = [""] * self.params.n
+        reasons = [""] * self.params.n
+        step = None
+        async for step in self:
+            for delta in step.choices:
+                texts[delta.index] += delta.text
+                if delta.finish_reason:
+                    reasons[delta.index] = delta.finish_reason
+        return GenerationResult(texts, reasons, step.prompt_tokens, step.completion_tokens)
+
+
+class Engine:
+    """A causal LM and its tokenizer behind a single worker thread and a bounded FIFO queue."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_model_len: int | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        context = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(max_model_len, context) if max_model_len else context
+        self.eos_token_ids = self._eos_ids()
+        self.sampling_defaults = self._generation_config_defaults()
+        self._template_reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters)
+        self._jobs: queue.Queue[GenerationHandle | None] = queue.Queue(maxsize=max_queue)
+        self._worker = threading.Thread(target=self._serve_forever, name="minimind-engine", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path | None = None, *, device: str | None = None, dtype: str | None = None, **kwargs: Any
+    ) -> Engine:
+        """Load a model with ``minimind_course.loading.load_model`` (None = the bundled model) and wrap it."""
+        from minimind_course.loading import load_model
+
+        model, tokenizer = load_model(path, device=device, dtype=dtype)
+        return cls(model, tokenizer, **kwargs)
+
+    # ---- prompts -------------------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None) -> str:
+        """Render messages with the tokenizer's chat template, ending with the assistant generation prompt."""
+        template_kwargs = dict(template_kwargs or {})
+        clash = sorted(self._template_reserved & template_kwargs.keys())
+        if clash:
+            raise PromptError(f"chat_template_kwargs may not set {', '.join(clash)}")
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+            )
+        except Exception as err:  # jinja2 raises TemplateError (e.g. raise_exception in the template)
+            raise PromptError(f"the chat template rejected these messages: {err}") from err
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt string, exactly as written (the template already placed special tokens)."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def completion_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """How many tokens may be generated: the request's max, else what is left of the context."""
+        if max_tokens is not None and prompt_tokens + max_tokens > self.max_model_len:
+            raise ContextLengthError(self.max_model_len, prompt_tokens, max_tokens)
+        if max_tokens is None and prompt_tokens >= self.max_model_len:
+            raise ContextLengthError(self.max_model_len, prompt_tokens, 1)
+        return max_tokens if max_tokens is not None else self.max_model_len - prompt_tokens
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
+        """Queue a request (call from the event loop); raises EngineBusyError when the queue is full."""
+        if not prompt_ids:
+            raise PromptError("the prompt is empty")
+        handle = GenerationHandle(list(prompt_ids), params, asyncio.get_running_loop())
+        try:
+            self._jobs.put_nowait(handle)
+        except queue.Full:
+            raise EngineBusyError(
+                f"The server is busy: {self._jobs.maxsize} requests are already waiting. Retry shortly."
+            ) from None
+        return handle
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the worker (not counting the one it is running)."""
+        return self._jobs.qsize()
+
+    def close(self) -> None:
+        """Stop the worker after the request it is running; queued requests are dropped."""
+        while True:
+            try:
+                self._jobs.get_nowait().cancel()
+            except (queue.Empty, AttributeError):
+                break
+        self._jobs.put(None)
+        self._worker.join(timeout=30)
+
+    # ---- the worker thread ---------------------------------------------------------------------------
+    def _serve_forever(self) -> None:
+        while (handle := self._jobs.get()) is not None:
+            if handle.cancelled.is_set():
+                continue  # its client left while it waited
+            try:
+                self._generate(handle)
+            except Exception as err:  # a bug or out-of-memory must not kill the worker
+                handle.send(err)
+
+    @torch.inference_mode()
+    def _generate(self, handle: GenerationHandle) -> None:
+        """Prefill the prompt once, then decode token by token with the KV cache until every choice ends."""
+        params, prompt_len = handle.params, len(handle.prompt_ids)
+        device = self.model.device
+        sequences = torch.tensor([handle.prompt_ids] * params.n, dtype=torch.long, device=device)
+        pipeline = build_logits_pipeline(params, prompt_len)
+        generator = make_generator(params.seed, device)
+        detokenizers = [IncrementalDetokenizer(self.tokenizer) for _ in range(params.n)]
+        matchers = [StopStringMatcher(params.stop) for _ in range(params.n)]
+        finish: list[str | None] = [None] * params.n
+        generated = [0] * params.n
+
+        out = self.model(input_ids=sequences, use_cache=True, logits_to_keep=1)
+        while not handle.cancelled.is_set():
+            tokens = next_tokens(params, pipeline, sequences, out.logits[:, -1, :], generator)
+            sequences = torch.cat([sequences, tokens[:, None]], dim=1)
+            deltas = []
+            for i, token in enumerate(tokens.tolist()):
+                if finish[i]:
+                    continue
+                generated[i] += 1
+                text, finish[i] = self._advance(token, detokenizers[i], matchers[i], generated[i], params.max_tokens)
+                if text or finish[i]:
+                    deltas.append(ChoiceDelta(i, text, finish[i]))
+            done = all(finish)
+            handle.send(StepOutput(deltas, prompt_len, sum(generated), done))
+            if done:
+                return
+            out = self.model(input_ids=tokens[:, None], past_key_values=out.past_key_values, use_cache=True)
+
+    def _advance(
+        self, token: int, detok: IncrementalDetokenizer, matcher: StopStringMatcher, count: int, limit: int
+    ) -> tuple[str, str | None]:
+        """Text this token releases for one choice, and its finish reason if the choice just ended."""
+        if token in self.eos_token_ids:
+            return matcher.push(detok.flush()) + matcher.flush(), "stop"
+        text = matcher.push(detok.push(token))
+        if matcher.stopped:
+            return text, "stop"
+        if count >= limit:
+            text += matcher.push(detok.flush())
+            return text + matcher.flush(), "stop" if matcher.stopped else "length"
+        return text, None
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+        return ids
+
+    def _generation_config_defaults(self) -> dict[str, float]:
+        """Sampling values the model's generation_config.json sets on purpose (as vLLM's --generation-config)."""
+        config = getattr(self.model, "generation_config", None)
+        if config is None:
+            return {}
+        diff = config.to_diff_dict()
+        return {key: diff[key] for key in SAMPLING_DEFAULT_KEYS if diff.get(key) is not None}

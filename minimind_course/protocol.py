@@ -1,0 +1,170 @@
+"""The OpenAI wire format: request models (validated by pydantic) and the error envelope.
+
+Responses are built from the openai SDK's own types (``openai.types``) in ``server.py``, so what we send is
+exactly what the official client parses. Requests accept every field real clients send; fields we do not
+use are ignored, fields we cannot honour get a clear 400 instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from minimind_course.sampling import SamplingParams
+
+MAX_N = 8  # choices per request; each one costs a full generation on the single worker
+
+
+class OpenAIError(Exception):
+    """An error the server reports in OpenAI's envelope with the given HTTP status."""
+
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
+             413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
+             503: "ServiceUnavailableError"}
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param)
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}`` as vLLM sends it."""
+    kind = OpenAIError.TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+class _Request(BaseModel):
+    """Unknown fields are accepted and ignored, like OpenAI's own API does for forward compatibility."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """Content as one string: text parts are joined with newlines (as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, str]:
+        role = "system" if self.role == "developer" else self.role  # newer SDKs say developer for system
+        return {"role": role, "content": self.text()}
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_params(self, max_tokens: int, defaults: dict[str, float]) -> SamplingParams:
+        """Request values, else the model's generation_config defaults, else OpenAI's defaults."""
+
+        def pick(name: str, fallback: float) -> float:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            n=self.n,
+            temperature=float(pick("temperature", 1.0)),
+            top_p=float(pick("top_p", 1.0)),
+            top_k=int(pick("top_k", 0)),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+            max_tokens=max_tokens,
+            stop=tuple(s for s in stop if s),
+            seed=self.seed,
+        )
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """Body of ``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("logprobs are not supported by this server")
+        return value
+
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` (newer SDKs, LangChain) wins over the deprecated ``max_tokens``."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.for_template() for m in self.messages]
+
+
+class CompletionRequest(_SamplingRequest):
+    """Body of ``POST /v1/completions``: one prompt, as text or as token ids."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's and vLLM's default for this legacy endpoint
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            if len(self.prompt) != 1:
+                raise ValueError("send one prompt per request (batched prompts are not supported)")
+        if self.echo or self.suffix or self.logprobs:
+            raise ValueError("echo, suffix and logprobs are not supported by this server")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of is not supported by this server")
+        return self
+
+    def single_prompt(self) -> str | list[int]:
+        """The prompt as one string or one list of token ids."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            return self.prompt[0]
+        return self.prompt

@@ -1,0 +1,92 @@
+"""Shared fixtures: the bundled model served by our OpenAI-compatible server in a background thread.
+
+Fixture names (session-scoped unless noted):
+- ``engine``: ``Engine`` over the bundled model (one worker thread, default queue).
+- ``server``: ``BackgroundServer`` running ``create_app(engine)``; ``server.base_url`` is ``http://127.0.0.1:PORT``.
+- ``base_url``: ``server.base_url + "/v1"``, what OpenAI clients take.
+- ``endpoint``: ``Endpoint(base_url, model, api_key)``, the only thing the backend-agnostic conformance checks
+  (``tests/openai_conformance.py``) use. To run those checks against another server (e.g. vLLM), write a test
+  module that does ``from openai_conformance import *`` and defines its own ``endpoint`` fixture.
+- ``client`` / ``async_client`` (function scope): ``openai.OpenAI`` / ``openai.AsyncOpenAI`` for ``endpoint``.
+  Async fixtures live on the session event loop (pyproject), so async test modules set
+  ``pytestmark = pytest.mark.asyncio(loop_scope="session")``.
+- ``make_server`` (function scope): ``make_server(**create_app_kwargs, max_queue=..)`` starts an extra server on
+  the same model (e.g. with an API key, a tiny queue or a tiny body limit) and stops it after the test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import openai
+import pytest
+
+from minimind_course.background import BackgroundServer
+from minimind_course.engine import Engine
+from minimind_course.server import create_app
+
+SERVED_MODEL_NAME = "minimind"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI-compatible endpoint under test."""
+
+    base_url: str  # ends with /v1
+    model: str
+    api_key: str = "not-needed"
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    engine = Engine.from_pretrained()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def server(engine: Engine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(create_app(engine, served_model_name=SERVED_MODEL_NAME)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def base_url(server: BackgroundServer) -> str:
+    return server.base_url + "/v1"
+
+
+@pytest.fixture(scope="session")
+def endpoint(base_url: str) -> Endpoint:
+    return Endpoint(base_url=base_url, model=SERVED_MODEL_NAME)
+
+
+@pytest.fixture
+def client(endpoint: Endpoint) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0, timeout=120) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def async_client(endpoint: Endpoint):
+    async with openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0,
+                                  timeout=120) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+def make_server(engine: Engine):
+    """Factory for extra servers over the same model; every one is stopped after the test."""
+    started: list[tuple[BackgroundServer, Engine | None]] = []
+
+    def start(max_queue: int | None = None, **app_kwargs) -> BackgroundServer:
+        own = Engine(engine.model, engine.tokenizer, max_queue=max_queue) if max_queue is not None else None
+        running = BackgroundServer(create_app(own or engine, **app_kwargs)).start()
+        started.append((running, own))
+        return running
+
+    yield start
+    for running, own in started:
+        running.stop()
+        if own is not None:
+            own.close()
