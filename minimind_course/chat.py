@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chat; returns the exit status."""
     args = build_parser().parse_args(argv)
     interactive = sys.stdin.isatty()
+    for stream in (sys.stdin, sys.stdout):
+        if not stream.isatty():  # pipes and files are UTF-8 whatever the platform's locale says
+            stream.reconfigure(encoding="utf-8")
     out = sys.stdout
     try:
         session = session_from_args(args)
