@@ -143,10 +143,13 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         context = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(max_model_len, context) if max_model_len else context
+        if max_model_len is not None and not 0 < max_model_len <= context:
+            raise ValueError(f"max_model_len must be between 1 and the model's max_position_embeddings ({context})")
+        self.max_model_len = max_model_len or context
         self.eos_token_ids = self._eos_ids()
         self.sampling_defaults = self._generation_config_defaults()
         self._template_reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters)
+        self.active: GenerationHandle | None = None  # the request the worker is generating right now
         self._jobs: queue.Queue[GenerationHandle | None] = queue.Queue(maxsize=max_queue)
         self._worker = threading.Thread(target=self._serve_forever, name="minimind-engine", daemon=True)
         self._worker.start()
@@ -221,10 +224,13 @@ class Engine:
         while (handle := self._jobs.get()) is not None:
             if handle.cancelled.is_set():
                 continue  # its client left while it waited
+            self.active = handle
             try:
                 self._generate(handle)
             except Exception as err:  # a bug or out-of-memory must not kill the worker
                 handle.send(err)
+            finally:
+                self.active = None
 
     @torch.inference_mode()
     def _generate(self, handle: GenerationHandle) -> None:
@@ -248,7 +254,7 @@ class Engine:
                 if finish[i]:
                     continue
                 generated[i] += 1
-                text, finish[i] = self._advance(token, detokenizers[i], matchers[i], generated[i], params.max_tokens)
+                text, finish[i] = self._advance(token, detokenizers[i], matchers[i], generated[i], params)
                 if text or finish[i]:
                     deltas.append(ChoiceDelta(i, text, finish[i]))
             done = all(finish)
@@ -258,15 +264,15 @@ class Engine:
             out = self.model(input_ids=tokens[:, None], past_key_values=out.past_key_values, use_cache=True)
 
     def _advance(
-        self, token: int, detok: IncrementalDetokenizer, matcher: StopStringMatcher, count: int, limit: int
+        self, token: int, detok: IncrementalDetokenizer, matcher: StopStringMatcher, count: int, params: SamplingParams
     ) -> tuple[str, str | None]:
         """Text this token releases for one choice, and its finish reason if the choice just ended."""
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not params.ignore_eos:
             return matcher.push(detok.flush()) + matcher.flush(), "stop"
         text = matcher.push(detok.push(token))
         if matcher.stopped:
             return text, "stop"
-        if count >= limit:
+        if count >= params.max_tokens:
             text += matcher.push(detok.flush())
             return text + matcher.flush(), "stop" if matcher.stopped else "length"
         return text, None

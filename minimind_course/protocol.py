@@ -86,6 +86,7 @@ class _SamplingRequest(_Request):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    ignore_eos: bool = False  # vLLM extra: generate max_tokens tokens even past end-of-sequence
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -116,6 +117,7 @@ class _SamplingRequest(_Request):
             max_tokens=max_tokens,
             stop=tuple(s for s in stop if s),
             seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
 
 

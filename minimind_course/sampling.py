@@ -34,6 +34,7 @@ class SamplingParams:
     max_tokens: int = 16
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks want fixed-length outputs)
 
     @property
     def greedy(self) -> bool:

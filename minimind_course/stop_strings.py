@@ -35,9 +35,10 @@ class StopStringMatcher:
             return ""
         start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
         self.text += piece
-        hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        # the stop string that is complete first wins (as when checking token by token), whatever the pieces
+        hits = [(i + len(s), i) for s in self.stop if (i := self.text.find(s, start)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            self.text = self.text[: min(hits)[1]]
             self.stopped = True
             return self._emit(len(self.text))
         return self._emit(len(self.text) - held_suffix_len(self.text, self.stop))

@@ -1,7 +1,8 @@
 """Shared fixtures: the bundled model served by our OpenAI-compatible server in a background thread.
 
 Fixture names (session-scoped unless noted):
-- ``engine``: ``Engine`` over the bundled model (one worker thread, default queue).
+- ``engine``: ``Engine`` over the bundled model (one worker thread, default queue); set ``MINIMIND_TEST_MODEL``
+  to a model folder or .pth file to run the whole suite against another checkpoint.
 - ``server``: ``BackgroundServer`` running ``create_app(engine)``; ``server.base_url`` is ``http://127.0.0.1:PORT``.
 - ``base_url``: ``server.base_url + "/v1"``, what OpenAI clients take.
 - ``endpoint``: ``Endpoint(base_url, model, api_key)``, the only thing the backend-agnostic conformance checks
@@ -16,6 +17,7 @@ Fixture names (session-scoped unless noted):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,7 +42,7 @@ class Endpoint:
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
-    engine = Engine.from_pretrained()
+    engine = Engine.from_pretrained(os.environ.get("MINIMIND_TEST_MODEL") or None)
     yield engine
     engine.close()
 

@@ -1,0 +1,107 @@
+"""``python -m minimind_course.serve``: a local OpenAI-compatible endpoint for MiniMind.
+
+No ``--model`` serves the bundled MiniMind-Tiny. ``--backend vllm`` hands the same options to vLLM instead.
+Mistakes (port in use, bad model path) end with one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minimind_course.serve",
+        description="Serve a MiniMind model behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+        "/v1/models, /health).",
+    )
+    parser.add_argument("--model", default=None,
+                        help="model folder or .pth checkpoint (default: the bundled MiniMind-Tiny)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 opens it to the network (then set --api-key)")
+    parser.add_argument("--port", type=int, default=8998)
+    parser.add_argument("--served-model-name", default="minimind", help="the model name clients must send")
+    parser.add_argument("--api-key", default=os.environ.get("MINIMIND_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIMIND_API_KEY, else open)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length in tokens (default: the model's max_position_embeddings)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: fp32 on CPU)")
+    parser.add_argument("--cors-origins", default="*",
+                        help="comma-separated origins browsers may call from (default: *)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests that may wait while one is generated; more get HTTP 429")
+    parser.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
+                        help="largest request body accepted; larger ones get HTTP 413")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--backend", default="minimind", choices=("minimind", "vllm"),
+                        help="minimind: this package's server; vllm: real vLLM on an exported copy of the model")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.cors_origins = [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()]
+    return args
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Claim the port before the (slow) model load, so a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
+def serve_minimind(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from minimind_course.engine import Engine
+    from minimind_course.server import create_app
+
+    sock = bind_socket(args.host, args.port)
+    try:
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                                        max_model_len=args.max_model_len, max_queue=args.max_queue)
+    except Exception as err:  # any load failure is reported as one line: path, format, device, dtype...
+        sock.close()
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SystemExit(f"error: cannot load the model: {message}") from None
+    app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
+                     cors_origins=args.cors_origins, max_body_bytes=args.max_body_bytes)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"MiniMind OpenAI-compatible server: http://{shown_host}:{args.port}/v1  model={args.served_model_name!r}  "
+          f"max_model_len={engine.max_model_len}  api_key={'on' if args.api_key else 'off'}", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print("warning: listening on the network without --api-key: anyone who can reach this port can use it",
+              file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.backend == "vllm":
+        from minimind_course.vllm_server import serve_vllm
+
+        return serve_vllm(args)
+    return serve_minimind(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The engine on its own: UTF-8-safe deltas, stop strings, limits, cancellation, the bounded queue, seeds."""
+
+import asyncio
+import time
+
+import pytest
+
+from minimind_course.engine import ContextLengthError, Engine, EngineBusyError
+from minimind_course.sampling import SamplingParams
+from scripted_model import ScriptedLM, byte_tokens
+
+TEXT = "你好，世界！😀 MiniMind 🚀"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(engine):
+    return engine.tokenizer
+
+
+def scripted_engine(tokenizer, script, **kwargs):
+    model = ScriptedLM(script, len(tokenizer), step_delay=kwargs.pop("step_delay", 0.0))
+    return Engine(model, tokenizer, **kwargs)
+
+
+async def collect(engine, params, prompt=(1, 2, 4)):
+    deltas = []
+    async for step in engine.submit(list(prompt), params):
+        deltas.extend(step.choices)
+    return deltas, step
+
+
+def test_split_characters_are_never_streamed_half_done(tokenizer):
+    script = byte_tokens(tokenizer, TEXT) + [tokenizer.eos_token_id]
+    engine = scripted_engine(tokenizer, script)
+    deltas, last = asyncio.run(collect(engine, SamplingParams(temperature=0, max_tokens=100)))
+    engine.close()
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert "".join(d.text for d in deltas) == TEXT
+    assert deltas[-1].finish_reason == "stop"
+    assert last.completion_tokens == len(script)  # the end-of-sequence token counts, as in OpenAI's usage
+    assert len(deltas) < len(script)  # bytes of one character travel together
+
+
+def test_stop_string_cuts_and_length_limit_says_length(tokenizer):
+    engine = scripted_engine(tokenizer, byte_tokens(tokenizer, "第一行\n第二行\n第三行"))
+    deltas, _ = asyncio.run(collect(engine, SamplingParams(temperature=0, max_tokens=100, stop=("\n第二",))))
+    assert "".join(d.text for d in deltas) == "第一行" and deltas[-1].finish_reason == "stop"
+    deltas, last = asyncio.run(collect(engine, SamplingParams(temperature=0, max_tokens=4)))
+    engine.close()
+    assert deltas[-1].finish_reason == "length" and last.completion_tokens == 4
+    assert "".join(d.text for d in deltas) == "第一"[:1] + "\ufffd"  # 4 bytes: one character and a broken one
+
+
+def test_ignore_eos_generates_exactly_max_tokens(tokenizer):
+    engine = scripted_engine(tokenizer, [tokenizer.eos_token_id])
+    _, last = asyncio.run(collect(engine, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)))
+    engine.close()
+    assert last.completion_tokens == 7
+
+
+def test_n_choices_finish_independently(tokenizer):
+    engine = scripted_engine(tokenizer, byte_tokens(tokenizer, "ab") + [tokenizer.eos_token_id])
+    deltas, last = asyncio.run(collect(engine, SamplingParams(n=3, temperature=0, max_tokens=10)))
+    engine.close()
+    assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1, 2]
+    assert last.completion_tokens == 3 * 3
+
+
+def test_context_length_error_uses_the_standard_wording(tokenizer):
+    engine = scripted_engine(tokenizer, [5])
+    with pytest.raises(ContextLengthError) as err:
+        engine.completion_budget(4000, 200)
+    assert str(err.value) == (
+        "This model's maximum context length is 4096 tokens. However, you requested 4200 tokens (4000 in the "
+        "messages, 200 in the completion). Please reduce the length of the messages or completion.")
+    assert engine.completion_budget(4000, None) == 96  # no max_tokens: whatever the context has left
+    with pytest.raises(ContextLengthError):
+        engine.completion_budget(4096, None)
+    engine.close()
+
+
+def test_cancel_frees_the_worker_at_once(tokenizer):
+    engine = scripted_engine(tokenizer, [5], step_delay=0.01)
+
+    async def abandon():
+        handle = engine.submit([1, 2], SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True))
+        async for step in handle:
+            if step.completion_tokens >= 3:
+                break  # leaving the loop cancels the request
+
+    asyncio.run(abandon())
+    deadline = time.monotonic() + 2
+    while engine.active is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.active is None
+    engine.close()
+
+
+def test_full_queue_is_refused_not_grown(tokenizer):
+    engine = scripted_engine(tokenizer, [5], step_delay=0.01, max_queue=1)
+
+    async def flood():
+        params = SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)
+        running = engine.submit([1], params)
+        await running.__aiter__().__anext__()  # the worker has taken it: the queue is empty again
+        waiting = engine.submit([1], params)
+        with pytest.raises(EngineBusyError):
+            engine.submit([1], params)
+        running.cancel()
+        waiting.cancel()
+
+    asyncio.run(flood())
+    engine.close()
+
+
+def test_worker_errors_reach_the_caller_and_the_worker_survives(tokenizer):
+    engine = scripted_engine(tokenizer, [tokenizer.eos_token_id])
+    with pytest.raises(RuntimeError, match="scripted failure"):
+        asyncio.run(collect(engine, SamplingParams(temperature=0, max_tokens=5), prompt=[ScriptedLM.FAIL_TOKEN]))
+    deltas, _ = asyncio.run(collect(engine, SamplingParams(temperature=0, max_tokens=5)))
+    engine.close()
+    assert deltas[-1].finish_reason == "stop"
+
+
+def test_seed_reproduces_sampling_and_choices_differ(engine):
+    prompt = engine.encode(engine.chat_prompt([{"role": "user", "content": "讲一个故事"}]))
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=1234, ignore_eos=True)
+    first, _ = asyncio.run(collect(engine, params, prompt))
+    second, _ = asyncio.run(collect(engine, params, prompt))
+    texts = ["".join(d.text for d in first if d.index == i) for i in range(4)]
+    assert first == second
+    assert len(set(texts)) > 1  # each choice is its own sample
