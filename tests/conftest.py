@@ -9,8 +9,8 @@ Fixture names (session-scoped unless noted):
   (``tests/openai_conformance.py``) use. To run those checks against another server (e.g. vLLM), write a test
   module that does ``from openai_conformance import *`` and defines its own ``endpoint`` fixture.
 - ``client`` / ``async_client`` (function scope): ``openai.OpenAI`` / ``openai.AsyncOpenAI`` for ``endpoint``.
-  Async fixtures live on the session event loop (pyproject), so async test modules set
-  ``pytestmark = pytest.mark.asyncio(loop_scope="session")``.
+  Async fixtures live on the session event loop (pyproject), so async tests are marked
+  ``@pytest.mark.asyncio(loop_scope="session")``.
 - ``make_server`` (function scope): ``make_server(**create_app_kwargs, max_queue=..)`` starts an extra server on
   the same model (e.g. with an API key, a tiny queue or a tiny body limit) and stops it after the test.
 """
