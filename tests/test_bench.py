@@ -1,0 +1,79 @@
+"""The benchmark CLI against our served bundled model: sane JSON, errors counted, one-line failures.
+
+No timing thresholds here: speed is measured by the benchmark itself, never asserted by tests.
+"""
+
+import json
+
+import pytest
+
+from minimind_course import bench
+from minimind_course.loadgen import percentile
+
+
+def test_short_sweep_writes_sane_json(base_url, tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    code = bench.main(["--base-url", base_url, "--concurrency", "1,2", "--requests-per-level", "3",
+                       "--max-tokens", "6", "--no-progress", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["settings"]["concurrency"] == [1, 2]
+    assert "api_key" not in report["settings"]
+    assert [level["concurrency"] for level in report["levels"]] == [1, 2]
+    for level in report["levels"]:
+        assert level["requests"] == len(level["records"]) == 3
+        assert level["errors"] == 0 and level["error_messages"] == []
+        assert level["output_tokens"] == 3 * 6  # ignore_eos: every answer is exactly max_tokens long
+        assert level["output_tokens_per_s"] > 0 and level["duration_s"] > 0
+        for name in ("ttft_s", "itl_s", "request_tokens_per_s"):
+            stats = level[name]
+            assert 0 < stats["p50"] <= stats["p95"] <= stats["max"], (name, stats)
+        for record in level["records"]:
+            assert record["ok"] and record["prompt_tokens"] > 0 and record["output_tokens"] == 6
+            assert 0 < record["ttft"] <= record["latency"]
+    table = capsys.readouterr().out
+    assert "tok/s total" in table and str(out) in table
+
+
+def test_sweep_is_the_default_subcommand(base_url, tmp_path):
+    out = tmp_path / "sweep.json"
+    code = bench.main(["sweep", "--base-url", base_url, "--concurrency", "1", "--requests-per-level", "1",
+                       "--max-tokens", "2", "--no-progress", "--out", str(out)])
+    assert code == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["levels"][0]["output_tokens"] == 2
+
+
+def test_refused_requests_are_counted_as_errors(make_server, tmp_path, capsys):
+    small = make_server(max_queue=1)  # one request generating, one waiting: the rest get HTTP 429
+    out = tmp_path / "sweep.json"
+    code = bench.main(["--base-url", small.base_url + "/v1", "--concurrency", "6", "--requests-per-level", "6",
+                       "--max-tokens", "24", "--no-progress", "--out", str(out)])
+    level = json.loads(out.read_text(encoding="utf-8"))["levels"][0]
+    assert code == 1
+    assert 1 <= level["errors"] <= 4
+    assert level["output_tokens"] == (6 - level["errors"]) * 24
+    assert all("429" in message or "RateLimit" in message for message in level["error_messages"])
+    assert "request(s) failed" in capsys.readouterr().err
+
+
+def test_unreachable_endpoint_is_one_line(capsys):
+    code = bench.main(["--base-url", "http://127.0.0.1:9/v1", "--concurrency", "1", "--no-progress",
+                       "--timeout", "5"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: the warm-up request to http://127.0.0.1:9/v1 failed")
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("levels", ["0,1", "1,x", ""])
+def test_bad_concurrency_is_refused(levels, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--concurrency", levels])
+    assert exit_info.value.code == 2
+    assert "concurrency" in capsys.readouterr().err
+
+
+def test_percentile_interpolates_like_numpy():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+    assert percentile([7.0], 95) == 7.0
