@@ -278,7 +278,7 @@ async def _completion_stream(handle: GenerationHandle, meta: ResponseMeta, inclu
         step = None
         async for step in handle:
             for out in step.choices:
-                choice = CompletionChoice(index=out.index, text=out.text, logprobs=None,
+                choice = CompletionChoice.model_construct(index=out.index, text=out.text, logprobs=None,
                                           finish_reason=out.finish_reason)
                 yield _completion_chunk(meta, [choice], include_usage)
         if include_usage and step is not None:
