@@ -1,0 +1,81 @@
+"""Every course notebook keeps the course's shape, and both READMEs map every notebook.
+
+Shape: a "What you will learn" markdown cell first, a versions cell near the top (its stored output names python,
+torch, transformers and the course package), an exercises section, and after it a solution cell that is collapsed
+(``"jupyter": {"source_hidden": true}``). Committed executed top to bottom (1..N) with kernelspec ``python3``, or
+nbval compares nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+COURSE_NUMBERS = [f"{n:02d}" for n in range(8)]  # 00 setup check ... 07 benchmark
+VERSION_WORDS = ("python", "torch", "transformers", "minimind")
+VERSIONS_CELL_WITHIN = 3  # cells from the top
+EXERCISE_HEADING = re.compile(r"^#+ .*(exercise|练习)", re.I | re.M)
+
+
+def cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+
+
+def text(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def output_text(cell: dict) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        parts.append("".join(out.get("text", "")))
+        parts.append("".join(out.get("data", {}).get("text/plain", "")))
+    return "".join(parts)
+
+
+def test_every_course_notebook_exists():
+    present = {p.name[:2] for p in NOTEBOOKS}
+    assert not [n for n in COURSE_NUMBERS if n not in present], f"missing notebooks: {sorted(set(COURSE_NUMBERS) - present)}"
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
+def test_readme_maps_every_notebook(readme: str):
+    body = (ROOT / readme).read_text(encoding="utf-8")
+    assert not [p.name for p in NOTEBOOKS if f"notebooks/{p.name}" not in body], f"{readme} does not link them"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_starts_with_what_you_will_learn(path: Path):
+    first = cells(path)[0]
+    assert first["cell_type"] == "markdown" and "what you will learn" in text(first).lower()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_has_a_versions_cell_near_the_top(path: Path):
+    top = [c for c in cells(path)[:VERSIONS_CELL_WITHIN] if c["cell_type"] == "code"]
+    assert any(all(word in output_text(c).lower() for word in VERSION_WORDS) for c in top), (
+        f"none of the first {VERSIONS_CELL_WITHIN} cells prints the {', '.join(VERSION_WORDS)} versions")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_ends_with_exercises_and_a_collapsed_solution(path: Path):
+    all_cells = cells(path)
+    starts = [i for i, c in enumerate(all_cells) if c["cell_type"] == "markdown" and EXERCISE_HEADING.search(text(c))]
+    assert starts, "no markdown heading with 'Exercises'"
+    after = all_cells[starts[-1] + 1:]
+    solutions = [c for c in after if c["cell_type"] == "code" and c["metadata"].get("jupyter", {}).get("source_hidden")]
+    assert solutions, "no collapsed solution cell (metadata jupyter.source_hidden) after the exercises"
+    assert all(c["execution_count"] is not None for c in solutions), "solution cells must run under nbval too"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_executed_in_order_with_python3_kernel(path: Path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    counts = [c["execution_count"] for c in nb["cells"] if c["cell_type"] == "code"]
+    assert counts == list(range(1, len(counts) + 1)), "re-run the notebook top to bottom before committing"
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3"
