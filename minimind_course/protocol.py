@@ -7,9 +7,9 @@ use are ignored, fields we cannot honour get a clear 400 instead of being silent
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from minimind_course.sampling import SamplingParams
 
@@ -39,6 +39,18 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
+def _encodable(text: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"); they are not text and no tokenizer can take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"contains an unpaired surrogate at position {err.start}: not valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class _Request(BaseModel):
     """Unknown fields are accepted and ignored, like OpenAI's own API does for forward compatibility."""
 
@@ -47,12 +59,12 @@ class _Request(BaseModel):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -80,7 +92,7 @@ class _SamplingRequest(_Request):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -147,7 +159,7 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     """Body of ``POST /v1/completions``: one prompt, as text or as token ids."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's and vLLM's default for this legacy endpoint
     echo: bool = False
     suffix: str | None = None

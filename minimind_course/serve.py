@@ -64,12 +64,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def serve_minimind(args: argparse.Namespace) -> int:
+    sock = bind_socket(args.host, args.port)  # before the heavy imports: a busy port fails in a blink
     import uvicorn
 
     from minimind_course.engine import Engine
     from minimind_course.server import create_app
 
-    sock = bind_socket(args.host, args.port)
     try:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                                         max_model_len=args.max_model_len, max_queue=args.max_queue)
@@ -87,7 +87,9 @@ def serve_minimind(args: argparse.Namespace) -> int:
               file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock])  # uvicorn re-raises Ctrl+C / SIGTERM after a graceful shutdown
+    except KeyboardInterrupt:
+        return 130
     finally:
         engine.close()
         sock.close()

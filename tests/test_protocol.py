@@ -79,3 +79,10 @@ def test_error_envelope():
     assert error_body(404, "The model `x` does not exist.", "model") == {
         "error": {"message": "The model `x` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}}
     assert OpenAIError(429, "busy").body()["error"]["type"] == "RateLimitError"
+
+
+def test_lone_surrogates_are_refused_before_the_tokenizer_sees_them():
+    with pytest.raises(ValidationError, match="surrogate"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "a\ud800b"}])
+    with pytest.raises(ValidationError, match="surrogate"):
+        CompletionRequest(prompt="\udfff")
