@@ -183,12 +183,16 @@ class Engine:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def completion_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        """How many tokens may be generated: the request's max, else what is left of the context."""
+        """How many tokens may be generated: the request's max; else what is left of the context, capped by the
+        model's ``max_new_tokens`` default when its generation_config has one (as vLLM). Never truncates."""
         if max_tokens is not None and prompt_tokens + max_tokens > self.max_model_len:
             raise ContextLengthError(self.max_model_len, prompt_tokens, max_tokens)
         if max_tokens is None and prompt_tokens >= self.max_model_len:
             raise ContextLengthError(self.max_model_len, prompt_tokens, 1)
-        return max_tokens if max_tokens is not None else self.max_model_len - prompt_tokens
+        if max_tokens is not None:
+            return max_tokens
+        room = self.max_model_len - prompt_tokens
+        return min(room, self.sampling_defaults.get("max_tokens", room))
 
     # ---- requests ------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
@@ -285,9 +289,15 @@ class Engine:
         return ids
 
     def _generation_config_defaults(self) -> dict[str, float]:
-        """Sampling values the model's generation_config.json sets on purpose (as vLLM's --generation-config)."""
+        """Values the model's generation_config.json sets on purpose, used when a request leaves them out
+        (as vLLM's ``--generation-config auto``); ``do_sample: false`` there means greedy by default."""
         config = getattr(self.model, "generation_config", None)
         if config is None:
             return {}
         diff = config.to_diff_dict()
-        return {key: diff[key] for key in SAMPLING_DEFAULT_KEYS if diff.get(key) is not None}
+        defaults = {key: diff[key] for key in SAMPLING_DEFAULT_KEYS if diff.get(key) is not None}
+        if diff.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        if diff.get("max_new_tokens"):
+            defaults["max_tokens"] = diff["max_new_tokens"]
+        return defaults
