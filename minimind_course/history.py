@@ -81,10 +81,11 @@ def estimate_tokens(messages: list[Message]) -> int:
 
 
 def tokenizer_counter(tokenizer: Any) -> TokenCounter:
-    """Count exactly with a local tokenizer: the length of the rendered chat template with generation prompt."""
+    """Count exactly with a local tokenizer: the tokens of the rendered chat template with generation prompt."""
 
     def count(messages: list[Message]) -> int:
-        return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tokenizer.encode(prompt, add_special_tokens=False))  # the template already placed them
 
     return count
 

@@ -111,8 +111,12 @@ def test_chinese_budget_keeps_recent_pairs():
 def test_exact_counter_from_a_tokenizer():
     class CharTokenizer:
         def apply_chat_template(self, messages, add_generation_prompt, tokenize):
-            assert add_generation_prompt and tokenize
-            return list("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+            assert add_generation_prompt and not tokenize
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+        def encode(self, text, add_special_tokens):
+            assert not add_special_tokens
+            return list(text)
 
     count = tokenizer_counter(CharTokenizer())
     assert count([{"role": "user", "content": "我叫"}]) == len("<user>我叫<assistant>")
