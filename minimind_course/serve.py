@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests that may wait while one is generated; more get HTTP 429")
     parser.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
                         help="largest request body accepted; larger ones get HTTP 413")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1-2 is often fastest for tiny models)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.add_argument("--backend", default="minimind", choices=("minimind", "vllm"),
                         help="minimind: this package's server; vllm: real vLLM on an exported copy of the model")
@@ -67,9 +69,13 @@ def serve_minimind(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)  # before the heavy imports: a busy port fails in a blink
     import uvicorn
 
+    import torch
+
     from minimind_course.engine import Engine
     from minimind_course.server import create_app
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                                         max_model_len=args.max_model_len, max_queue=args.max_queue)
