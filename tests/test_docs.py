@@ -190,7 +190,8 @@ CLI_CALL = re.compile(r"python3? -m (minimind_course\.\w+)((?:[ \t]+(?:\\\n)?[^\
 
 
 API_CLIS = [("minimind_course.serve", None), ("minimind_course.chat", None), ("minimind_course.export", None),
-            ("minimind_course.bench", "sweep"), ("minimind_course.train_tiny", None), ("minimind_course.eval_tiny", None)]
+            ("minimind_course.bench", "sweep"),
+            ("minimind_course.bench", "overhead"), ("minimind_course.train_tiny", None), ("minimind_course.eval_tiny", None)]
 
 
 HELP_SCRIPT = """
