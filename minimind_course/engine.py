@@ -180,7 +180,7 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt string, exactly as written (the template already placed special tokens)."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False, verbose=False)  # length is checked by us
 
     def completion_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """How many tokens may be generated: the request's max; else what is left of the context, capped by the
