@@ -65,7 +65,7 @@ def backend(request):
         return endpoint.base_url, endpoint.model
     if not vllm_installed():
         pytest.skip("vLLM is not installed: pip install 'minimind-course[vllm]'")
-    server = request.getfixturevalue("vllm_server")
+    server = request.getfixturevalue("vllm")
     return server.base_url, server.served_model_name
 
 

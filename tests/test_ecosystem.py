@@ -34,13 +34,13 @@ NAMES = list(CONVERSATIONS)
 
 @pytest.fixture(scope="module", params=["minimind", "vllm"])
 def backend(request):
-    """(base_url, model) of our server, then of real vLLM (started once per session by the shared fixture)."""
+    """(base_url, model) of our server, then of real vLLM (the session fixture `vllm` of tests/conftest.py)."""
     if request.param == "minimind":
         endpoint = request.getfixturevalue("endpoint")
         return endpoint.base_url, endpoint.model
     if not vllm_installed():
         pytest.skip("vLLM is not installed: pip install 'minimind-course[vllm]'")
-    server = request.getfixturevalue("vllm_server")
+    server = request.getfixturevalue("vllm")
     return server.base_url, server.served_model_name
 
 
