@@ -101,10 +101,16 @@ def to_vllm_native(model: PreTrainedModel, dtype: torch.dtype = torch.float32) -
     return native.eval()
 
 
+# vLLM turns a generation_config max_new_tokens into a server-wide output cap; our server ignores it, so it is
+# not exported (to get that cap, pass --override-generation-config '{"max_new_tokens": N}' to vLLM).
+NOT_EXPORTED_GENERATION_KEYS = ("max_new_tokens", "max_length", "transformers_version")
+
+
 def _generation_config(model: PreTrainedModel) -> GenerationConfig:
-    """Special-token ids for vLLM's stop logic; sampling defaults are copied only if the source set them."""
+    """Special-token ids for vLLM's stop logic plus the source's sampling defaults (temperature, top_p, ...)."""
     source = model.generation_config.to_diff_dict() if model.generation_config is not None else {}
-    source.pop("transformers_version", None)
+    for key in NOT_EXPORTED_GENERATION_KEYS:
+        source.pop(key, None)
     config = GenerationConfig(**source)
     config.bos_token_id = model.config.bos_token_id
     config.eos_token_id = model.config.eos_token_id

@@ -7,6 +7,7 @@ own process group, because it spawns an EngineCore and a Worker process that mus
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.util
 import json
 import os
@@ -37,6 +38,9 @@ CPU_ENV_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "HF_HUB_OFFLINE": "1",  # the model is a local folder: never wait on the Hub
 }
+
+
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
 class VLLMNotInstalledError(RuntimeError):
@@ -97,6 +101,8 @@ class VLLMServer:
         self.inherit_output = inherit_output
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="minimind-vllm-")) / "vllm.log"
         self.process: subprocess.Popen | None = None
+        self.pid: int | None = None  # also the process-group id; kept after stop() for inspection
+        self.exit_code: int | None = None
         self.startup_seconds: float | None = None
 
     def _config_max_len(self) -> int | None:
@@ -160,15 +166,16 @@ class VLLMServer:
                 "python -m minimind_course.export --out DIR"
             )
         began = time.monotonic()
+        popen = dict(env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
         if self.inherit_output:
-            self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+            self.process = subprocess.Popen(self.command, **popen)
         else:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with self.log_path.open("wb") as log:
                 self.process = subprocess.Popen(
-                    self.command, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )  # fmt: skip
+                    self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **popen
+                )
+        self.pid = self.process.pid
         atexit.register(self.stop)
         try:
             self._wait_healthy(began)
@@ -209,7 +216,8 @@ class VLLMServer:
         except subprocess.TimeoutExpired:
             pass
         _signal_group(process.pid, signal.SIGKILL)  # children that outlived the parent, or a hung parent
-        return process.wait()
+        self.exit_code = process.wait()
+        return self.exit_code
 
     def wait(self) -> int:
         """Block until vLLM exits by itself; its exit code."""
@@ -222,6 +230,13 @@ class VLLMServer:
         self.stop()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the parent dies (a killed kernel or test run), so
+    vLLM shuts down with its EngineCore/Worker instead of holding the port and memory; atexit cannot cover that."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pgid, sig)
@@ -230,12 +245,20 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def serve_vllm(args) -> int:
-    """``python -m minimind_course.serve --backend vllm``: export (cached), run vLLM in the foreground, its exit code."""
+    """``python -m minimind_course.serve --backend vllm``: export (cached), run vLLM in the foreground, its exit code.
+
+    ``args`` carries model, host, port, served_model_name, api_key, max_model_len, cors_origins, dtype and optionally
+    export_dir. dtype "auto" means float32: vLLM's own "auto" would pick half precision for an fp32 checkpoint.
+    """
     if not vllm_installed():
         print(f"error: {INSTALL_HINT}", file=sys.stderr)
         return 1
+    if (busy := _port_problem(args.host, args.port)) is not None:
+        print(f"error: cannot listen on {args.host}:{args.port}: {busy}", file=sys.stderr)
+        return 1
+    dtype = "float32" if args.dtype in (None, "auto") else args.dtype
     try:
-        model_dir = cached_export(args.model, getattr(args, "export_dir", None))
+        model_dir = cached_export(args.model, getattr(args, "export_dir", None), dtype=dtype)
     except (ModelLoadError, ExportError, OSError) as err:
         print(f"error: cannot export the model for vLLM: {err}", file=sys.stderr)
         return 1
@@ -247,7 +270,7 @@ def serve_vllm(args) -> int:
         max_model_len=args.max_model_len,
         api_key=args.api_key,
         cors_origins=args.cors_origins,
-        dtype=args.dtype or "float32",
+        dtype=dtype,
         inherit_output=True,
         startup_timeout=float("inf"),  # vLLM logs its own progress; Ctrl-C stops the wait
     )
@@ -259,12 +282,24 @@ def serve_vllm(args) -> int:
               file=sys.stderr, flush=True)  # fmt: skip
         return server.wait()
     except VLLMStartError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return server.exit_code or 1
     except KeyboardInterrupt:
         return 0
     finally:
         server.stop()
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (None if it can): checked before the minute vLLM needs to start."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            return err.strerror or str(err)
+    return None
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

@@ -31,6 +31,8 @@ def minimind_folder(path, tokenizer, qk_norm: bool):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True,
+                                               temperature=0.7, max_new_tokens=256)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -76,6 +78,8 @@ def test_tokenizer_chat_template_and_generation_config_travel(tmp_path, tokenize
     assert exported("你好世界")["input_ids"] == tokenizer("你好世界")["input_ids"]
     generation = GenerationConfig.from_pretrained(out)
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
+    assert generation.temperature == 0.7  # a sampling default both servers apply
+    assert "max_new_tokens" not in generation.to_diff_dict()  # vLLM would make it a server-wide cap
 
 
 def test_half_precision_export(tmp_path, tokenizer):
