@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 
@@ -34,8 +35,8 @@ def scripted_server(engine):
     """Start a server whose model emits a given text (as single UTF-8 bytes) then end-of-sequence."""
     running = []
 
-    def start(text: str, *, step_delay: float = 0.0, eos: bool = True, max_queue: int = 8) -> str:
-        tokenizer = engine.tokenizer
+    def start(text: str, *, step_delay: float = 0.0, eos: bool = True, max_queue: int = 8, tokenizer=None) -> str:
+        tokenizer = tokenizer or engine.tokenizer
         script = byte_tokens(tokenizer, text) + ([tokenizer.eos_token_id] if eos else [])
         model = ScriptedLM(script, len(tokenizer), step_delay=step_delay)
         scripted = Engine(model, tokenizer, max_queue=max_queue)
@@ -115,6 +116,22 @@ def test_think_block_goes_to_reasoning_content_streamed_and_not(scripted_server)
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
     assert "".join(d.content or "" for d in deltas) == message.content
     assert not any("<think>" in (d.content or "") or "</think>" in (d.content or "") for d in deltas)
+
+
+def test_open_thinking_reaches_the_template_and_a_prefilled_think_starts_in_reasoning(scripted_server, engine):
+    thinking_template = copy.deepcopy(engine.tokenizer)  # MiniMind-3 style: open_thinking pre-fills "<think>\n"
+    thinking_template.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% if open_thinking %}<think>\n{% endif %}{% endif %}")
+    url = scripted_server("想一想。\n</think>\n\n你好！", tokenizer=thinking_template)
+    with openai.OpenAI(base_url=url, api_key="x", max_retries=0) as client:
+        thought = client.chat.completions.create(model="minimind", messages=CHINESE, max_tokens=100,
+                                                 extra_body={"chat_template_kwargs": {"open_thinking": True}})
+        plain = client.chat.completions.create(model="minimind", messages=CHINESE, max_tokens=100)
+    assert (thought.choices[0].message.reasoning_content, thought.choices[0].message.content) == ("想一想。\n", "你好！")
+    assert thought.usage.prompt_tokens > plain.usage.prompt_tokens  # the template added "<think>\n"
+    assert plain.choices[0].message.content == "想一想。\n</think>\n\n你好！"  # no opening tag: plain content
+    assert getattr(plain.choices[0].message, "reasoning_content", None) is None
 
 
 def test_an_error_after_streaming_began_is_an_sse_error_event(scripted_server, engine):
