@@ -163,7 +163,7 @@ def test_llama_index_chat_model(backend, reference, name):
 
 def test_llama_index_completion_model_uses_the_template_it_is_given(backend, sdk, reference, engine):
     """is_chat_model=False calls /v1/completions; with the model's ChatML template the answer equals chat's."""
-    base_url, model = backend
+    _, model = backend
     question = CONVERSATIONS["chinese"][0]["content"]
     llm = _llama_index(backend, is_chat_model=False,
                        completion_to_prompt=lambda q: chatml_prompt([{"role": "user", "content": q}], engine.tokenizer))
@@ -171,8 +171,8 @@ def test_llama_index_completion_model_uses_the_template_it_is_given(backend, sdk
     assert answer.raw.object == "text_completion"  # it really went through /v1/completions
     assert answer.text == reference["chinese"].choices[0].message.content
     assert "".join(part.delta or "" for part in llm.stream_complete(question)) == answer.text
-    raw = sdk.completions.create(model=model, prompt=chatml_prompt(CONVERSATIONS["chinese"], engine.tokenizer), temperature=0,
-                                 max_tokens=MAX_TOKENS)
+    prompt = chatml_prompt(CONVERSATIONS["chinese"], engine.tokenizer)
+    raw = sdk.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=MAX_TOKENS)
     assert raw.choices[0].text == answer.text
 
 
