@@ -50,7 +50,7 @@ def test_refused_requests_are_counted_as_errors(make_server, tmp_path, capsys):
                        "--max-tokens", "24", "--no-progress", "--out", str(out)])
     level = json.loads(out.read_text(encoding="utf-8"))["levels"][0]
     assert code == 1
-    assert 1 <= level["errors"] <= 4
+    assert 1 <= level["errors"] <= 5  # at least the first request is served
     assert level["output_tokens"] == (6 - level["errors"]) * 24
     assert all("429" in message or "RateLimit" in message for message in level["error_messages"])
     assert "request(s) failed" in capsys.readouterr().err
