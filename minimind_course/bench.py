@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", help="concurrency sweep: TTFT, inter-token latency, tokens/s per level (the default)",
         description="Streamed greedy chat requests at increasing concurrency; prints a table, --out writes JSON.",
     ))  # fmt: skip
-    over = commands.add_parser("overhead", help="our server's decode tok/s over HTTP+SSE vs in-process, and TTFT",
+    over = commands.add_parser("overhead", help="our server's tokens/s over HTTP+SSE vs in-process, and TTFT",
                                description="Same model, same prompt, greedy fixed-length requests, alternating "
                                "between a served subprocess and an in-process engine.")
     over.add_argument("--model", default=None, help="model folder or .pth (default: the bundled model)")

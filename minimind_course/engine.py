@@ -74,6 +74,21 @@ class StepOutput:
     finished: bool
 
 
+def merge_steps(steps: list[StepOutput]) -> StepOutput:
+    """Consecutive steps as one: text joined per choice, the last finish reason and token counts."""
+    if len(steps) == 1:
+        return steps[0]
+    texts: dict[int, str] = {}
+    reasons: dict[int, str | None] = {}
+    for step in steps:
+        for delta in step.choices:
+            texts[delta.index] = texts.get(delta.index, "") + delta.text
+            reasons[delta.index] = delta.finish_reason or reasons.get(delta.index)
+    last = steps[-1]
+    merged = [ChoiceDelta(i, texts[i], reasons[i]) for i in texts]
+    return StepOutput(merged, last.prompt_tokens, last.completion_tokens, last.finished)
+
+
 @dataclass
 class GenerationResult:
     """A finished request: full text and finish reason per choice, and token counts."""
@@ -105,14 +120,21 @@ class GenerationHandle:
             self.cancel()
 
     async def __aiter__(self) -> AsyncIterator[StepOutput]:
+        """Steps as they come; steps that piled up while the consumer was busy arrive merged into one, so a
+        slow reader gets fewer, larger chunks instead of falling further behind (as vLLM's output coalescing)."""
         try:
             while True:
-                item = await self.outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
+                items = [await self.outputs.get()]
+                while not self.outputs.empty() and not isinstance(items[-1], BaseException):
+                    items.append(self.outputs.get_nowait())
+                error = items.pop() if isinstance(items[-1], BaseException) else None
+                if items:
+                    step = merge_steps(items)
+                    yield step
+                    if step.finished:
+                        return
+                if error is not None:
+                    raise error
         finally:  # the consumer left early (client disconnect, error): free the worker
             self.cancel()
 

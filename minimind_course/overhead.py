@@ -2,8 +2,8 @@
 
 The server runs as ``python -m minimind_course.serve`` in a subprocess (a real client/server split, no shared
 GIL); the in-process side is an ``Engine`` in this process. Requests alternate between the two sides, so load
-from other programs hits both alike. Reported: decode tokens/s (tokens after the first / time after the first)
-both ways and their ratio, and time to first token (TTFT) percentiles.
+from other programs hits both alike. Reported: tokens/s (completion tokens / whole request time) both ways and
+their ratio, and time to the first text (TTFT) percentiles.
 """
 
 from __future__ import annotations
@@ -35,30 +35,32 @@ class OverheadConfig:
     threads: int | None = None  # torch threads on both sides
 
 
-def decode_rate(tokens: int, first: float, last: float) -> float:
-    """Tokens per second after the first one (so TTFT is not counted twice)."""
-    return (tokens - 1) / (last - first) if last > first else float("nan")
+def rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else float("nan")
 
 
 async def engine_request(engine, prompt_ids: list[int], max_tokens: int) -> tuple[float, float]:
-    """One greedy request straight on the engine: (seconds to the first token, decode tokens/s)."""
+    """One greedy request straight on the engine: (seconds to the first text, tokens/s over the whole request)."""
     from minimind_course.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
-    first = last = None
+    first = None
     async for step in engine.submit(prompt_ids, params):
-        last = time.perf_counter()
-        first = first or last
-    return first - start, decode_rate(step.completion_tokens, first, last)
+        if first is None and any(choice.text for choice in step.choices):
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return (first or end) - start, rate(step.completion_tokens, end - start)
 
 
 def http_request(client: httpx.Client, max_tokens: int) -> tuple[float, float]:
-    """One streamed greedy chat request: (seconds to the first content delta, decode tokens/s)."""
+    """One streamed greedy chat request: (seconds to the first text, tokens/s over the whole request).
+
+    The end is ``[DONE]``, not the last text: with ignore_eos, tokens after an end-of-sequence carry no text."""
     body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first = last = None
+    first = None
     tokens = 0
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -66,12 +68,12 @@ def http_request(client: httpx.Client, max_tokens: int) -> tuple[float, float]:
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[len("data: "):])
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return first - start, decode_rate(tokens, first, last)
+    end = time.perf_counter()
+    return (first or end) - start, rate(tokens, end - start)
 
 
 def start_server(model: str | None, threads: int | None) -> tuple[subprocess.Popen, httpx.Client]:
@@ -144,7 +146,7 @@ def measure_overhead(config: OverheadConfig) -> dict[str, object]:
 
 def format_overhead(report: dict) -> str:
     local, http = report["in_process"], report["http"]
-    return (f"decode tok/s  in-process {local['tok_s']:.0f}  HTTP+SSE {http['tok_s']:.0f}  "
+    return (f"tokens/s      in-process {local['tok_s']:.0f}  HTTP+SSE {http['tok_s']:.0f}  "
             f"ratio {report['http_over_in_process_tok_s']:.2f}\n"
             f"TTFT ms p50   in-process {local['ttft_ms_p50']:.1f}  HTTP+SSE {http['ttft_ms_p50']:.1f} "
             f"(p90 {http['ttft_ms_p90']:.1f})")

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from minimind_course.engine import ContextLengthError, Engine, EngineBusyError
+from minimind_course.engine import ChoiceDelta, ContextLengthError, Engine, EngineBusyError, StepOutput, merge_steps
 from minimind_course.sampling import SamplingParams
 from scripted_model import ScriptedLM, byte_tokens
 
@@ -143,3 +143,28 @@ def test_generation_config_supplies_defaults_like_vllm(tokenizer):
     assert engine.completion_budget(10, 50) == 50  # an explicit request wins
     assert 2 in engine.eos_token_ids
     engine.close()
+
+
+def test_steps_that_piled_up_are_merged_per_choice():
+    steps = [StepOutput([ChoiceDelta(0, "你"), ChoiceDelta(1, "a")], 5, 2, False),
+             StepOutput([ChoiceDelta(1, "b", "length")], 5, 3, False),
+             StepOutput([ChoiceDelta(0, "好", "stop")], 5, 4, True)]
+    merged = merge_steps(steps)
+    assert merged.choices == [ChoiceDelta(0, "你好", "stop"), ChoiceDelta(1, "ab", "length")]
+    assert (merged.prompt_tokens, merged.completion_tokens, merged.finished) == (5, 4, True)
+    assert merge_steps(steps[:1]) is steps[0]
+
+
+def test_a_slow_reader_gets_merged_chunks_with_the_same_text(tokenizer):
+    script = byte_tokens(tokenizer, TEXT) + [tokenizer.eos_token_id]
+    engine = scripted_engine(tokenizer, script)
+
+    async def slow_reader():
+        handle = engine.submit([1, 2, 4], SamplingParams(temperature=0, max_tokens=100))
+        await asyncio.sleep(0.3)  # the whole answer is generated meanwhile
+        return [step async for step in handle]
+
+    steps = asyncio.run(slow_reader())
+    engine.close()
+    assert len(steps) == 1 and steps[0].finished
+    assert steps[0].choices == [ChoiceDelta(0, TEXT, "stop")]

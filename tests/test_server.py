@@ -93,7 +93,7 @@ def test_a_non_streaming_client_that_gives_up_frees_the_engine(engine, base_url)
 # ---- UTF-8 and reasoning (scripted model: exact outputs whatever the bundled model learned) --------------
 def test_split_chinese_and_emoji_stream_without_replacement_characters(scripted_server):
     text = "你好，世界！我喜欢🍜和🚀。"
-    url = scripted_server(text)
+    url = scripted_server(text, step_delay=0.005)  # slow enough that chunks are not merged on the way
     with openai.OpenAI(base_url=url, api_key="x", max_retries=0) as client:
         whole = client.chat.completions.create(model="minimind", messages=CHINESE, max_tokens=200)
         chunks = list(client.chat.completions.create(model="minimind", messages=CHINESE, max_tokens=200,
