@@ -91,11 +91,20 @@ class Comparison:
 
 
 def compare_backends(
-    left: openai.OpenAI, right: openai.OpenAI, model: str, prompts: Sequence[Messages], max_tokens: int = 96
+    left: openai.OpenAI,
+    right: openai.OpenAI,
+    model: str,
+    prompts: Sequence[Messages],
+    max_tokens: int = 96,
+    concurrency: int = 4,
 ) -> Comparison:
-    """Greedy answers of both backends to ``prompts``."""
-    return Comparison(list(prompts), greedy_answers(left, model, prompts, max_tokens),
-                      greedy_answers(right, model, prompts, max_tokens))  # fmt: skip
+    """Greedy answers of both backends to ``prompts``.
+
+    ``concurrency`` 1 gives batch-independent results: batched kernels may round differently, which can flip a
+    near-tie between two tokens.
+    """
+    return Comparison(list(prompts), greedy_answers(left, model, prompts, max_tokens, concurrency),
+                      greedy_answers(right, model, prompts, max_tokens, concurrency))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,174 @@
+"""Real vLLM (CPU) serving our Llama export: greedy parity with our server, the same OpenAI conformance checks our
+server passes (tests/openai_conformance.py, via the ``endpoint`` fixture below), launcher behaviour.
+
+vLLM starts once for this module (about 40 s on 2 cores with -O0); the last test stops it and checks that no process is left.
+Where vLLM answers differently from our server, the check is marked as an expected, strict failure naming the
+difference (also listed in docs/vllm.md), so a vLLM upgrade that changes it shows up.
+"""
+
+import argparse
+import json
+import os
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from conftest import Endpoint
+from openai_conformance import *  # noqa: F401,F403  (the same checks, collected here against vLLM)
+
+from minimind_course import vllm_server
+from minimind_course.backend_compare import compare_backends, course_prompts
+from minimind_course.export import export_for_vllm
+from minimind_course.loading import BUNDLED_MODEL_DIR
+from minimind_course.vllm_server import VLLMServer, VLLMStartError, serve_vllm
+
+SERVED = "minimind"
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return export_for_vllm(None, tmp_path_factory.mktemp("vllm-export"))
+
+
+@pytest.fixture(scope="module")
+def vllm(export_dir):
+    # -O0: no torch.compile. Start-up drops from 1-5 minutes (busy 2-core machine) to well under one; the model code
+    # is the same. Notebook 04 runs vLLM with its default (compiled) settings and compares answers there too.
+    with VLLMServer(export_dir, served_model_name=SERVED, startup_timeout=600, extra_args=["-O0"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def endpoint(vllm):
+    """What the conformance checks talk to: here, real vLLM."""
+    return Endpoint(base_url=vllm.base_url, model=SERVED)
+
+
+# Conformance checks where vLLM 0.32 answers differently from our server (listed in docs/vllm.md). They are expected,
+# strict failures: if a vLLM upgrade changes the behaviour, the test says so.
+STANDARD_ROLES = {"system", "developer", "user", "assistant", "tool"}
+VLLM_DIFFERENCES = {
+    "test_invalid_parameters_are_400_in_the_envelope": (
+        lambda params: any(isinstance(m, dict) and m.get("role") not in STANDARD_ROLES
+                           for m in params["bad"].get("messages") or []),
+        "vLLM renders any role through the chat template (200) instead of rejecting it",
+    ),
+    "test_context_overflow_is_400_with_the_standard_wording": (
+        lambda params: True,
+        "vLLM words max_tokens > max_model_len as 'max_tokens=N cannot be greater than max_model_len=M'",
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def known_vllm_difference(request):
+    """Mark the conformance checks that vLLM answers differently as strict expected failures."""
+    check, params = request.node.originalname, getattr(getattr(request.node, "callspec", None), "params", {})
+    if check in VLLM_DIFFERENCES and VLLM_DIFFERENCES[check][0](params):
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=VLLM_DIFFERENCES[check][1]))
+
+
+@pytest.fixture(scope="module")
+def vllm_client(vllm):
+    with openai.OpenAI(base_url=vllm.base_url, api_key="not-needed", max_retries=0, timeout=120) as sdk:
+        yield sdk
+
+
+def test_vllm_serves_the_export_without_remote_code(vllm, export_dir):
+    assert "--trust-remote-code" not in vllm.command
+    assert "Resolved architecture: LlamaForCausalLM" in vllm.log_path.read_text(encoding="utf-8")
+    models = httpx.get(f"{vllm.base_url}/models").json()["data"]
+    config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
+    assert [m["id"] for m in models] == [SERVED]
+    assert models[0]["max_model_len"] == config["max_position_embeddings"] == vllm.max_model_len
+
+
+def test_greedy_answers_match_our_server(vllm_client, base_url):
+    prompts = course_prompts()
+    with openai.OpenAI(base_url=base_url, api_key="not-needed", max_retries=0, timeout=120) as ours:
+        comparison = compare_backends(ours, vllm_client, SERVED, prompts, max_tokens=64)
+    # Same tokenizer and chat template: the prompts are token-for-token identical.
+    assert [a.prompt_tokens for a in comparison.left] == [b.prompt_tokens for b in comparison.right]
+    differing = [row for row in comparison.rows() if row[-1] != "✓"]
+    assert comparison.match_rate >= 0.9, f"{len(differing)} of {len(prompts)} answers differ: {differing}"
+
+
+def test_vllm_prompt_overflow_keeps_the_widely_parsed_prefix(vllm_client, vllm):
+    with pytest.raises(openai.BadRequestError) as err:
+        vllm_client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "你好 " * 2000}])
+    assert f"maximum context length is {vllm.max_model_len} tokens" in err.value.body["message"]
+
+
+def test_command_and_environment(export_dir):
+    server = VLLMServer(export_dir, port=1234, api_key="sk-secret", cors_origins=None, extra_args=["--seed", "0"])
+    assert server.command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert server.command[-2:] == ["--seed", "0"] and "--allowed-origins" not in server.command
+    assert "sk-secret" not in " ".join(server.command) and server.env["VLLM_API_KEY"] == "sk-secret"
+    assert server.env["VLLM_CPU_KVCACHE_SPACE"] and server.base_url == "http://127.0.0.1:1234/v1"
+
+
+def test_folder_without_config_is_refused_before_starting(tmp_path):
+    with pytest.raises(VLLMStartError, match="no config.json"):
+        VLLMServer(tmp_path).start()
+
+
+def test_unexported_minimind_folder_fails_readably_and_leaves_nothing():
+    """The upstream problem (issues #352, #405): vLLM does not know model_type minimind."""
+    server = VLLMServer(BUNDLED_MODEL_DIR, startup_timeout=300)
+    with pytest.raises(VLLMStartError) as failure:
+        server.start()
+    message = str(failure.value)
+    assert "exited with code" in message and str(server.log_path) in message
+    assert "model type `minimind`" in message  # the log lines say what vLLM did not recognise
+    assert server.process is None and not _process_group(server.pid)
+
+
+def test_serve_vllm_without_vllm_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(vllm_server, "vllm_installed", lambda: False)
+    assert serve_vllm(_serve_args(model=None)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install" in err and "vllm" in err
+
+
+def test_serve_vllm_with_a_bad_model_is_one_line(tmp_path, capsys):
+    assert serve_vllm(_serve_args(model=str(tmp_path / "missing"), export_dir=str(tmp_path / "cache"))) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing" in err
+
+
+def test_stop_leaves_no_process(vllm):
+    """Runs last: stopping the module's server must take its EngineCore and Worker children with it."""
+    parent = psutil.Process(vllm.process.pid)
+    family = [parent, *parent.children(recursive=True)]
+    assert len(family) >= 3  # API server, EngineCore, Worker
+    vllm.stop()
+    assert all(_gone(p) for p in family) and not _process_group(vllm.pid)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{vllm.root_url}/health")
+
+
+def _process_group(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes in a process group."""
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and not _gone(process):
+                members.append(process)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE  # dead, waiting to be reaped by its new parent
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _serve_args(**overrides) -> argparse.Namespace:
+    defaults = dict(model=None, host="127.0.0.1", port=0, served_model_name=SERVED, api_key=None,
+                    max_model_len=None, cors_origins=["*"], dtype="float32", export_dir=None)
+    return argparse.Namespace(**{**defaults, **overrides})
