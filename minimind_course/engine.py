@@ -56,12 +56,25 @@ class PromptError(ValueError):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the ``top`` most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class ChoiceDelta:
-    """New text of one choice in one step; ``finish_reason`` is set on its last delta ("stop" or "length")."""
+    """New text of one choice in one step; ``finish_reason`` is set on its last delta ("stop" or "length").
+
+    ``logprobs`` holds the tokens generated in this step when the request asked for them; their text may
+    still be held back (an incomplete character, a possible stop string) and arrive in a later delta."""
 
     index: int
     text: str
     finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,18 +87,33 @@ class StepOutput:
     finished: bool
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Log-probabilities of the chosen tokens under the model's own distribution (before temperature and
+    penalties, as vLLM reports them by default), with the ``top`` most likely tokens of each row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+    best = logp.topk(top, dim=-1) if top else None
+    rows = []
+    for i, (token, value) in enumerate(zip(tokens.tolist(), chosen)):
+        alternatives = tuple(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else ()
+        rows.append(TokenLogprob(token, value, alternatives))
+    return rows
+
+
 def merge_steps(steps: list[StepOutput]) -> StepOutput:
     """Consecutive steps as one: text joined per choice, the last finish reason and token counts."""
     if len(steps) == 1:
         return steps[0]
     texts: dict[int, str] = {}
     reasons: dict[int, str | None] = {}
+    logprobs: dict[int, tuple[TokenLogprob, ...]] = {}
     for step in steps:
         for delta in step.choices:
             texts[delta.index] = texts.get(delta.index, "") + delta.text
             reasons[delta.index] = delta.finish_reason or reasons.get(delta.index)
+            logprobs[delta.index] = logprobs.get(delta.index, ()) + delta.logprobs
     last = steps[-1]
-    merged = [ChoiceDelta(i, texts[i], reasons[i]) for i in texts]
+    merged = [ChoiceDelta(i, texts[i], reasons[i], logprobs[i]) for i in texts]
     return StepOutput(merged, last.prompt_tokens, last.completion_tokens, last.finished)
 
 
@@ -97,6 +125,7 @@ class GenerationResult:
     finish_reasons: list[str]
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per choice, when requested
 
 
 @dataclass
@@ -142,13 +171,15 @@ class GenerationHandle:
         """Wait for the whole answer."""
         texts = [""] * self.params.n
         reasons = [""] * self.params.n
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.params.n)]
         step = None
         async for step in self:
             for delta in step.choices:
                 texts[delta.index] += delta.text
+                logprobs[delta.index].extend(delta.logprobs)
                 if delta.finish_reason:
                     reasons[delta.index] = delta.finish_reason
-        return GenerationResult(texts, reasons, step.prompt_tokens, step.completion_tokens)
+        return GenerationResult(texts, reasons, step.prompt_tokens, step.completion_tokens, logprobs)
 
 
 class Engine:
@@ -273,7 +304,9 @@ class Engine:
 
         out = self.model(input_ids=sequences, use_cache=True, logits_to_keep=1)
         while not handle.cancelled.is_set():
-            tokens = next_tokens(params, pipeline, sequences, out.logits[:, -1, :], generator)
+            logits = out.logits[:, -1, :]
+            tokens = next_tokens(params, pipeline, sequences, logits, generator)
+            logprobs = token_logprobs(logits, tokens, params.logprobs) if params.logprobs is not None else None
             sequences = torch.cat([sequences, tokens[:, None]], dim=1)
             deltas = []
             for i, token in enumerate(tokens.tolist()):
@@ -281,8 +314,8 @@ class Engine:
                     continue
                 generated[i] += 1
                 text, finish[i] = self._advance(token, detokenizers[i], matchers[i], generated[i], params)
-                if text or finish[i]:
-                    deltas.append(ChoiceDelta(i, text, finish[i]))
+                if text or finish[i] or logprobs:
+                    deltas.append(ChoiceDelta(i, text, finish[i], (logprobs[i],) if logprobs else ()))
             done = all(finish)
             handle.send(StepOutput(deltas, prompt_len, sum(generated), done))
             if done:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from minimind_course.sampling import SamplingParams
 
 MAX_N = 8  # choices per request; each one costs a full generation on the single worker
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 class OpenAIError(Exception):
@@ -130,7 +131,12 @@ class _SamplingRequest(_Request):
             stop=tuple(s for s in stop if s),
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs_wanted(),
         )
+
+    def logprobs_wanted(self) -> int | None:
+        """None, or how many alternatives to report with each token's log-probability."""
+        return None
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -139,14 +145,17 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("logprobs are not supported by this server")
-        return value
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` (newer SDKs, LangChain) wins over the deprecated ``max_tokens``."""

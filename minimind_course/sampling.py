@@ -35,6 +35,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
     ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks want fixed-length outputs)
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its k best alternatives
 
     @property
     def greedy(self) -> bool:

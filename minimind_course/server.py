@@ -20,9 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
-from openai.types.chat.chat_completion import Choice
+from openai.types.chat import ChatCompletionTokenLogprob
+from openai.types.chat.chat_completion import Choice, ChoiceLogprobs
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkChoiceLogprobs
+from openai.types.chat.chat_completion_token_logprob import TopLogprob
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -35,6 +39,7 @@ from minimind_course.engine import (
     GenerationHandle,
     GenerationResult,
     PromptError,
+    TokenLogprob,
 )
 from minimind_course.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
 from minimind_course.reasoning import THINK_START, ThinkParser, split_reasoning
@@ -79,6 +84,7 @@ def create_app(
     app.state.engine = engine
     app.state.served_model_names = names
     app.state.started = int(time.time())
+    token_text = TokenText(engine.tokenizer)
     _add_error_handlers(app)
 
     def check_model(requested: str | None) -> str:
@@ -105,12 +111,13 @@ def create_app(
         prompt = _run_user_step(engine.chat_prompt, body.template_messages(), body.chat_template_kwargs)
         thinking = prompt.rstrip().endswith(THINK_START)  # the template pre-filled an open <think>
         handle = _submit(engine, engine.encode(prompt), body)
+        tokens = token_text if body.logprobs else None
         if body.stream:
-            stream = _chat_stream(handle, meta, body.include_usage, thinking)
+            stream = _chat_stream(handle, meta, body.include_usage, thinking, tokens)
             return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS,
                                      background=BackgroundTask(_cancel, handle))
         result = await _result_unless_disconnected(handle, request)
-        return _json(_chat_completion(result, meta, thinking)) if result else CLIENT_GONE
+        return _json(_chat_completion(result, meta, thinking, tokens)) if result else CLIENT_GONE
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -204,16 +211,46 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
                            total_tokens=prompt_tokens + completion_tokens)
 
 
-def _chat_completion(result: GenerationResult, meta: ResponseMeta, thinking: bool) -> ChatCompletion:
+def _chat_completion(
+    result: GenerationResult, meta: ResponseMeta, thinking: bool, tokens: TokenText | None
+) -> ChatCompletion:
     choices = []
     for i, (text, reason) in enumerate(zip(result.texts, result.finish_reasons)):
         reasoning, content = split_reasoning(text, thinking)
         message = ChatCompletionMessage(role="assistant", content=content)
         if reasoning is not None:
             message = ChatCompletionMessage(role="assistant", content=content or None, reasoning_content=reasoning)
-        choices.append(Choice(index=i, message=message, logprobs=None, finish_reason=reason))
+        logprobs = ChoiceLogprobs(content=tokens.logprobs(result.logprobs[i])) if tokens else None
+        choices.append(Choice(index=i, message=message, logprobs=logprobs, finish_reason=reason))
     return ChatCompletion(id=meta.id, object="chat.completion", created=meta.created, model=meta.model,
                           choices=choices, usage=_usage(result.prompt_tokens, result.completion_tokens))
+
+
+class TokenText:
+    """Token strings and raw bytes for OpenAI's ``logprobs`` entries (``bytes`` shows split UTF-8 characters)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.byte_of = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE's alphabet
+
+    def token(self, token_id: int) -> tuple[str, list[int]]:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece is not None and all(char in self.byte_of for char in piece):
+            raw = bytes(self.byte_of[char] for char in piece)
+        else:  # not a byte-level token (e.g. SentencePiece): the decoded text is the best we have
+            raw = self.tokenizer.decode([token_id]).encode("utf-8")
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def logprobs(self, items: Sequence[TokenLogprob]) -> list[ChatCompletionTokenLogprob]:
+        entries = []
+        for item in items:
+            token, raw = self.token(item.token_id)
+            top = []
+            for alt_id, alt_logprob in item.top:
+                alt_token, alt_raw = self.token(alt_id)
+                top.append(TopLogprob(token=alt_token, bytes=alt_raw, logprob=alt_logprob))
+            entries.append(ChatCompletionTokenLogprob(token=token, bytes=raw, logprob=item.logprob, top_logprobs=top))
+        return entries
 
 
 def _chat_chunk(meta: ResponseMeta, choices: list[ChunkChoice], include_usage: bool, usage=None) -> str:
@@ -229,7 +266,7 @@ def _delta_choice(index: int, delta: ChoiceDelta, finish_reason: str | None = No
 
 
 async def _chat_stream(
-    handle: GenerationHandle, meta: ResponseMeta, include_usage: bool, thinking: bool
+    handle: GenerationHandle, meta: ResponseMeta, include_usage: bool, thinking: bool, tokens: TokenText | None
 ) -> AsyncIterator[str]:
     """The chunk sequence: role first, then text deltas, a finish chunk per choice, usage, then [DONE]."""
     n = handle.params.n
@@ -244,11 +281,14 @@ async def _chat_stream(
                 if out.finish_reason:
                     tail = parsers[out.index].flush()
                     reasoning, content = reasoning + tail[0], content + tail[1]
-                if reasoning or content:
+                if reasoning or content or (tokens and out.logprobs):
                     delta = ChoiceDelta(reasoning_content=reasoning) if reasoning else ChoiceDelta()
-                    if content:
+                    if content or not reasoning:
                         delta.content = content
-                    yield _chat_chunk(meta, [_delta_choice(out.index, delta)], include_usage)
+                    choice = _delta_choice(out.index, delta)
+                    if tokens:  # the tokens of this step; their text may come in a later chunk (held back)
+                        choice.logprobs = ChunkChoiceLogprobs(content=tokens.logprobs(out.logprobs))
+                    yield _chat_chunk(meta, [choice], include_usage)
                 if out.finish_reason:
                     yield _chat_chunk(meta, [_delta_choice(out.index, ChoiceDelta(), out.finish_reason)], include_usage)
         if include_usage and step is not None:

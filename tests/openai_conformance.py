@@ -142,6 +142,32 @@ def test_unknown_and_client_specific_fields_are_accepted(endpoint):
     assert answer.choices[0].message.role == "assistant"
 
 
+def test_logprobs_with_top_alternatives(endpoint):
+    answer = chat(endpoint, CHINESE, max_tokens=5, logprobs=True, top_logprobs=3, extra_body=FIXED_LENGTH, **GREEDY)
+    entries = answer.choices[0].logprobs.content
+    assert len(entries) == answer.usage.completion_tokens == 5
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3 and entry.bytes
+        ranked = [alt.logprob for alt in entry.top_logprobs]
+        assert ranked == sorted(ranked, reverse=True)
+        assert entry.token == entry.top_logprobs[0].token  # greedy picks the most likely token
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-4)
+    assert chat(endpoint, CHINESE, max_tokens=2).choices[0].logprobs is None  # only when asked
+
+
+def test_streamed_logprobs_cover_every_token(endpoint):
+    _, chunks = streamed_text(endpoint, ENGLISH, max_tokens=6, logprobs=True, extra_body=FIXED_LENGTH,
+                              stream_options={"include_usage": True}, **GREEDY)
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == chunks[-1].usage.completion_tokens == 6
+
+
+def test_top_logprobs_without_logprobs_is_400(endpoint):
+    with http(endpoint) as client:
+        assert_error(client.post("/chat/completions", json={"model": endpoint.model, "messages": ENGLISH,
+                                                            "top_logprobs": 2}), 400)
+
+
 # ---- streaming ----------------------------------------------------------------------------------------
 def test_stream_chunk_sequence_on_the_wire(endpoint):
     body = {"model": endpoint.model, "messages": CHINESE, "max_tokens": 16, "stream": True,

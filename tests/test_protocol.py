@@ -40,7 +40,7 @@ def test_unknown_fields_are_ignored():
 @pytest.mark.parametrize("field,value", [("temperature", -0.1), ("temperature", 2.5), ("top_p", 0.0), ("top_p", 1.5),
                                          ("n", 0), ("n", MAX_N + 1), ("max_tokens", 0), ("max_completion_tokens", 0),
                                          ("presence_penalty", 3), ("frequency_penalty", -3), ("repetition_penalty", 0),
-                                         ("top_k", -2), ("logprobs", True)])
+                                         ("top_k", -2), ("top_logprobs", 21)])
 def test_out_of_range_values_are_rejected(field, value):
     with pytest.raises(ValidationError) as err:
         ChatCompletionRequest(messages=USER, **{field: value})
@@ -86,3 +86,11 @@ def test_lone_surrogates_are_refused_before_the_tokenizer_sees_them():
         ChatCompletionRequest(messages=[{"role": "user", "content": "a\ud800b"}])
     with pytest.raises(ValidationError, match="surrogate"):
         CompletionRequest(prompt="\udfff")
+
+
+def test_logprobs_request_fields():
+    assert ChatCompletionRequest(messages=USER).sampling_params(4, {}).logprobs is None
+    assert ChatCompletionRequest(messages=USER, logprobs=True).sampling_params(4, {}).logprobs == 0
+    assert ChatCompletionRequest(messages=USER, logprobs=True, top_logprobs=5).sampling_params(4, {}).logprobs == 5
+    with pytest.raises(ValidationError, match="top_logprobs requires logprobs"):
+        ChatCompletionRequest(messages=USER, top_logprobs=2)

@@ -105,6 +105,19 @@ def test_split_chinese_and_emoji_stream_without_replacement_characters(scripted_
     assert whole.usage.completion_tokens == len(text.encode("utf-8")) + 1  # one byte per token, plus EOS
 
 
+def test_logprob_bytes_of_split_characters_add_up_to_the_text(scripted_server):
+    text = "好🍜"
+    url = scripted_server(text)
+    with openai.OpenAI(base_url=url, api_key="x", max_retries=0) as client:
+        answer = client.chat.completions.create(model="minimind", messages=CHINESE, max_tokens=20, logprobs=True,
+                                                top_logprobs=1)
+    entries = answer.choices[0].logprobs.content
+    assert len(entries) == len(text.encode("utf-8")) + 1  # one byte per token, then end-of-sequence
+    assert bytes(b for entry in entries[:-1] for b in entry.bytes) == text.encode("utf-8")
+    assert entries[-1].token == "<|im_end|>"
+    assert all(entry.logprob == pytest.approx(0.0, abs=1e-3) for entry in entries)  # the script is certain
+
+
 def test_think_block_goes_to_reasoning_content_streamed_and_not(scripted_server):
     url = scripted_server("<think>\n先想一想：用户在打招呼。\n</think>\n\n你好！")
     with openai.OpenAI(base_url=url, api_key="x", max_retries=0) as client:
