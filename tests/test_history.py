@@ -100,6 +100,7 @@ def test_chinese_characters_count_one_token_each():
     assert estimate_text_tokens("我叫什么名字？") == 7
     assert estimate_text_tokens("abcdef") == 2
     assert estimate_text_tokens("我叫Ada。") == 3 + 1  # 我, 叫, 。 + ceil(3 / 3)
+    assert estimate_tokens([{"role": "user", "content": "我叫"}]) == 5 + 7 + 2  # generation prompt, markers, text
 
 
 def test_chinese_budget_keeps_recent_pairs():
