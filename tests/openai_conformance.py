@@ -117,7 +117,7 @@ def test_stop_strings_cut_the_output(endpoint):
 
 def test_seed_reproduces_sampled_text(endpoint):
     def sample(seed):
-        return chat(endpoint, CHINESE, max_tokens=20, temperature=1.0, seed=seed,
+        return chat(endpoint, CHINESE, max_tokens=20, temperature=2.0, seed=seed,  # flat enough to differ
                     extra_body=FIXED_LENGTH).choices[0].message.content
 
     assert sample(42) == sample(42)
