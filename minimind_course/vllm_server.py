@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import hashlib
 import importlib.util
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from minimind_course.export import ExportError, cached_export
+from minimind_course.export import DEFAULT_CACHE_DIR, ExportError, cached_export
 from minimind_course.loading import ModelLoadError
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -67,6 +68,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def compile_cache_dir(model_dir: Path) -> Path:
+    """A vLLM cache root for exactly these weight files (names, sizes, modification times).
+
+    vLLM 0.32 keys its torch.compile cache by the model's shape, not its weights: after retraining a model of the
+    same shape it served the *old* model's answers from the cache. One cache per weights avoids that.
+    """
+    stamp = hashlib.sha256()
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        info = weights.stat()
+        stamp.update(f"{weights.name}:{info.st_size}:{info.st_mtime_ns}".encode())
+    return DEFAULT_CACHE_DIR.parent / "vllm-cache" / stamp.hexdigest()[:16]
 
 
 class VLLMServer:
@@ -141,8 +155,8 @@ class VLLMServer:
 
     @property
     def env(self) -> dict[str, str]:
-        """The child's environment: ours plus the CPU defaults and, if set, ``VLLM_API_KEY``."""
-        env = {**CPU_ENV_DEFAULTS, **os.environ}
+        """The child's environment: ours plus the CPU defaults, a compile cache of its own and ``VLLM_API_KEY``."""
+        env = {**CPU_ENV_DEFAULTS, "VLLM_CACHE_ROOT": str(compile_cache_dir(self.model_dir)), **os.environ}
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
         return env

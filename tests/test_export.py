@@ -1,4 +1,4 @@
-"""export_for_vllm(): Llama/Qwen3 folders with the same logits as MiniMind, tokenizer and template intact, clear CLI errors."""
+"""export_for_vllm(): Llama/Qwen3 folders with the same logits as MiniMind, tokenizer and template intact, CLI errors."""
 
 import json
 

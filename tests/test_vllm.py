@@ -1,7 +1,8 @@
 """Real vLLM (CPU) serving our Llama export: greedy parity with our server, the same OpenAI conformance checks our
 server passes (tests/openai_conformance.py, via the ``endpoint`` fixture below), launcher behaviour.
 
-vLLM starts once for this module (about 40 s on 2 cores with -O0); the last test stops it and checks that no process is left.
+vLLM starts once for this module (about 40 s on 2 cores with -O0); the last test stops it and checks that no
+process is left.
 Where vLLM answers differently from our server, the check is marked as an expected, strict failure naming the
 difference (also listed in docs/vllm.md), so a vLLM upgrade that changes it shows up.
 """
@@ -107,6 +108,20 @@ def test_command_and_environment(export_dir):
     assert server.command[-2:] == ["--seed", "0"] and "--allowed-origins" not in server.command
     assert "sk-secret" not in " ".join(server.command) and server.env["VLLM_API_KEY"] == "sk-secret"
     assert server.env["VLLM_CPU_KVCACHE_SPACE"] and server.base_url == "http://127.0.0.1:1234/v1"
+
+
+def test_each_weights_file_gets_its_own_compile_cache(tmp_path, monkeypatch):
+    """vLLM 0.32 served a retrained model's old answers from a compile cache keyed by shape only."""
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    (tmp_path / "config.json").write_text("{}", encoding="utf-8")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"old weights")
+    before = VLLMServer(tmp_path).env["VLLM_CACHE_ROOT"]
+    assert VLLMServer(tmp_path).env["VLLM_CACHE_ROOT"] == before  # same weights: the cache is reused
+    weights.write_bytes(b"retrained weights")
+    assert VLLMServer(tmp_path).env["VLLM_CACHE_ROOT"] != before
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "mine"))
+    assert VLLMServer(tmp_path).env["VLLM_CACHE_ROOT"] == str(tmp_path / "mine")  # the user's choice wins
 
 
 def test_folder_without_config_is_refused_before_starting(tmp_path):
