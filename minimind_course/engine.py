@@ -236,16 +236,13 @@ class Engine:
         return self.tokenizer.encode(text, add_special_tokens=False, verbose=False)  # length is checked by us
 
     def completion_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        """How many tokens may be generated: the request's max; else what is left of the context, capped by the
-        model's ``max_new_tokens`` default when its generation_config has one (as vLLM). Never truncates."""
+        """How many tokens may be generated: the request's max, else what is left of the context (OpenAI's rule;
+        generation_config's ``max_new_tokens`` is not a server-wide cap). Never truncates the prompt."""
         if max_tokens is not None and prompt_tokens + max_tokens > self.max_model_len:
             raise ContextLengthError(self.max_model_len, prompt_tokens, max_tokens)
         if max_tokens is None and prompt_tokens >= self.max_model_len:
             raise ContextLengthError(self.max_model_len, prompt_tokens, 1)
-        if max_tokens is not None:
-            return max_tokens
-        room = self.max_model_len - prompt_tokens
-        return min(room, self.sampling_defaults.get("max_tokens", room))
+        return max_tokens if max_tokens is not None else self.max_model_len - prompt_tokens
 
     # ---- requests ------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
@@ -353,6 +350,4 @@ class Engine:
         defaults = {key: diff[key] for key in SAMPLING_DEFAULT_KEYS if diff.get(key) is not None}
         if diff.get("do_sample") is False:
             defaults["temperature"] = 0.0
-        if diff.get("max_new_tokens"):
-            defaults["max_tokens"] = diff["max_new_tokens"]
         return defaults

@@ -132,15 +132,15 @@ def test_seed_reproduces_sampling_and_choices_differ(engine):
     assert len(set(texts)) > 1  # each choice is its own sample
 
 
-def test_generation_config_supplies_defaults_like_vllm(tokenizer):
+def test_generation_config_supplies_sampling_defaults(tokenizer):
     from transformers import GenerationConfig
 
     model = ScriptedLM([5], len(tokenizer))
     model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=5, top_k=7, eos_token_id=2)
     engine = Engine(model, tokenizer)
-    assert engine.sampling_defaults == {"top_k": 7, "temperature": 0.0, "max_tokens": 5}
-    assert engine.completion_budget(10, None) == 5  # the model's max_new_tokens caps the default
-    assert engine.completion_budget(10, 50) == 50  # an explicit request wins
+    assert engine.sampling_defaults == {"top_k": 7, "temperature": 0.0}  # do_sample false: greedy by default
+    assert engine.completion_budget(10, None) == 4096 - 10  # max_new_tokens is no server-wide cap
+    assert engine.completion_budget(10, 50) == 50
     assert 2 in engine.eos_token_ids
     engine.close()
 
