@@ -231,6 +231,7 @@ class VLLMServer:
             pass
         _signal_group(process.pid, signal.SIGKILL)  # children that outlived the parent, or a hung parent
         self.exit_code = process.wait()
+        _wait_group_gone(process.pid)
         return self.exit_code
 
     def wait(self) -> int:
@@ -249,6 +250,17 @@ def _die_with_parent() -> None:
     vLLM shuts down with its EngineCore/Worker instead of holding the port and memory; atexit cannot cover that."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10) -> None:
+    """Wait until no process of the group is left (killed children take a moment to exit and be reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
