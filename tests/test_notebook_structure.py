@@ -20,6 +20,8 @@ COURSE_NUMBERS = [f"{n:02d}" for n in range(8)]  # 00 setup check ... 07 benchma
 VERSION_WORDS = ("python", "torch", "transformers", "minimind")
 VERSIONS_CELL_WITHIN = 3  # cells from the top
 EXERCISE_HEADING = re.compile(r"^#+ .*(exercise|练习)", re.I | re.M)
+NBVAL_MARKERS = {"NBVAL_IGNORE_OUTPUT", "NBVAL_CHECK_OUTPUT", "NBVAL_SKIP", "NBVAL_RAISES_EXCEPTION"}
+BARE_PYTHON = re.compile(r"^\s*!\s*(python3?|pip3?|jupyter)\b", re.M)  # the PATH's python, not the kernel's
 
 
 def cells(path: Path) -> list[dict]:
@@ -79,3 +81,20 @@ def test_committed_executed_in_order_with_python3_kernel(path: Path):
     counts = [c["execution_count"] for c in nb["cells"] if c["cell_type"] == "code"]
     assert counts == list(range(1, len(counts) + 1)), "re-run the notebook top to bottom before committing"
     assert nb["metadata"].get("kernelspec", {}).get("name") == "python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_nbval_markers_are_exact(path: Path):
+    """nbval only honours a comment that is the marker alone: ``# NBVAL_IGNORE_OUTPUT  (why)`` is silently ignored."""
+    bad = [(i, line.strip()) for i, c in enumerate(cells(path)) if c["cell_type"] == "code"
+           for line in text(c).splitlines()
+           if line.strip().startswith("#") and "NBVAL_" in line and line.strip().lstrip("#").strip() not in NBVAL_MARKERS]
+    assert not bad, f"put the explanation on its own comment line: {bad}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_shell_commands_use_the_kernels_python(path: Path):
+    """``!python`` runs whatever python is first on PATH (``make test`` does not activate .venv): use
+    ``!{sys.executable} -m ...`` so the command sees the same packages as the kernel."""
+    bad = [i for i, c in enumerate(cells(path)) if c["cell_type"] == "code" and BARE_PYTHON.search(text(c))]
+    assert not bad, f"cells {bad} call python/pip/jupyter from PATH"
