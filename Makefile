@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HOST ?= 127.0.0.1
 PORT ?= 8998
+# Jupyter refuses to run as root (containers, classroom VMs) unless told to.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: serve test unit notebooks lab tiny-model eval bench setup setup-dev clean
 
@@ -46,7 +48,7 @@ notebooks: setup-dev
 	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 
 lab: setup-dev
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks
 
 tiny-model: setup-dev
 	$(PY) -m minimind_course.train_tiny
