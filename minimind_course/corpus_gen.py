@@ -154,13 +154,13 @@ class CorpusBuilder:
         greet, recall, dont_know = (EN_GREET, EN_RECALL, EN_DONT_KNOW) if en else (ZH_GREET, ZH_RECALL, ZH_DONT_KNOW)
         qa_lang = lang if rng.random() < 0.85 else ("zh" if en else "en")
         r = rng.random()
-        before = self.qa_turns(qa_lang, 1) if rng.random() < 0.1 else []
+        before = self.qa_turns(qa_lang, 1) if rng.random() < 0.05 else []
         introduce = [{"role": "user", "content": intro.format(name=name)},
                      {"role": "assistant", "content": greet.format(name=name)}]
         if r < 0.35:
             task, turns = "recall", introduce + [{"role": "user", "content": ask}]
         elif r < 0.6:
-            between = self.qa_turns(qa_lang, rng.randint(1, 2))
+            between = self.qa_turns(qa_lang, 1 if rng.random() < 0.75 else 2)
             task, turns = "recall_after_qa", introduce + between + [{"role": "user", "content": ask}]
         elif r < 0.65:
             task, turns = "greet", introduce
@@ -170,7 +170,7 @@ class CorpusBuilder:
             task, turns = "dont_know", [{"role": "user", "content": ask}]
             before = []
         else:
-            task, turns = "dont_know_after_qa", self.qa_turns(qa_lang, rng.randint(1, 2)) + [
+            task, turns = "dont_know_after_qa", self.qa_turns(qa_lang, 1 if rng.random() < 0.75 else 2) + [
                 {"role": "user", "content": ask}]
         if turns[-1]["role"] == "user":
             answer = dont_know if task.startswith("dont_know") else recall.format(name=name)
@@ -193,14 +193,14 @@ class CorpusBuilder:
         rng = self.rng
         lang = "en" if rng.random() < 0.5 else "zh"
         r = rng.random()
-        if r < 0.5:
-            task, turns = self.memory(lang)
+        if r < 0.5:  # English names are the harder ones to copy (tiny-model-notes), so they get more dialogues
+            task, turns = self.memory("en" if rng.random() < 0.6 else "zh")
         elif r < 0.85:
             task, turns = f"qa_{lang}", self.qa_turns(lang, 1)
         elif r < 0.97:
-            task, turns = f"multi_qa_{lang}", self.qa_turns(lang, rng.randint(2, 3))
+            task, turns = f"multi_qa_{lang}", self.qa_turns(lang, 2)
         else:
-            task, turns = f"long_{lang}", self.qa_turns(lang, rng.randint(4, 7))
+            task, turns = f"long_{lang}", self.qa_turns(lang, rng.randint(3, 6))
             if rng.random() < 0.5:  # a name given early must still be found late in a long chat
                 task, turns = f"long_recall_{lang}", self.long_recall(lang, turns)
         return {"task": task, "messages": self.system() + turns}
@@ -229,11 +229,16 @@ def tokenizer_texts() -> list[str]:
     return texts
 
 
+def dialogue_line(example: dict) -> str:
+    """One dialogue as a JSON line, as written by the CLI and hashed by the trainer."""
+    return json.dumps(example, ensure_ascii=False) + "\n"
+
+
 def corpus_sha256(examples: Sequence[dict]) -> str:
     """Hash of the corpus as JSON lines, recorded with the trained model."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update((json.dumps(ex, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
+        h.update(dialogue_line(ex).encode("utf-8"))
     return h.hexdigest()
 
 
@@ -246,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     examples = build_corpus(args.seed, args.examples)
     with open(args.out, "w", encoding="utf-8") as f:
         for ex in examples:
-            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+            f.write(dialogue_line(ex))
     print(f"wrote {len(examples)} dialogues to {args.out} (sha256 {corpus_sha256(examples)[:12]})")
 
 

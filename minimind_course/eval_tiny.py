@@ -153,8 +153,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder (default: bundled)")
     parser.add_argument("--json", type=Path, help="also write the results (with failures) to this file")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (batch-1 decoding of a tiny model gains little from more)")
     args = parser.parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        parser.error(f"{args.model} is not a model folder (no config.json)")
     torch.set_num_threads(args.threads)
     results = run(args.model)
     print_table(results)

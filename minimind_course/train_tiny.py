@@ -10,10 +10,10 @@ Loss is taken on assistant tokens only. The folder loads with ``AutoModelForCaus
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
-import random
 import re
 import time
 from collections.abc import Sequence
@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from minimind_course.corpus_gen import build_corpus, corpus_sha256, tokenizer_texts
+from minimind_course.corpus_gen import CORPUS_DIR, CorpusBuilder, dialogue_line, tokenizer_texts
 from minimind_course.model import MiniMindConfig, MiniMindForCausalLM
 from minimind_course.tiny_tokenizer import train_bpe, wrap_fast_tokenizer
 
@@ -70,9 +70,18 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def make_batch(data: list[tuple[list[int], list[int]]], idx: list[int], micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def assistant_loss(model: MiniMindForCausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss on labelled positions only; the LM head runs just there (about half the tokens)."""
+    hidden, _ = model.model(ids)
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
+
+
+def make_batch(rows: list[tuple[list[int], list[int]]], micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A mixed batch, sorted by length and cut into ``micro`` right-padded micro-batches (less padding)."""
-    rows = sorted((data[i] for i in idx), key=lambda r: len(r[0]))
+    rows = sorted(rows, key=lambda r: len(r[0]))
     size = math.ceil(len(rows) / micro)
     out = []
     for k in range(0, len(rows), size):
@@ -84,30 +93,71 @@ def make_batch(data: list[tuple[list[int], list[int]]], idx: list[int], micro: i
     return out
 
 
+class ThreadTuner:
+    """Pick 1 or ``max_threads`` torch threads by measured tokens/s, re-measured every ``every_s`` seconds.
+
+    On a shared 2-core machine two threads can be several times slower than one (they wait for each other
+    while other processes run), and on an idle machine the opposite holds.
+    """
+
+    def __init__(self, max_threads: int, every_s: float = 60.0, probe: int = 3):
+        self.options = sorted({1, max_threads})
+        self.every_s, self.probe = every_s, probe
+        self.speed: dict[int, float] = {}
+        self.queue: list[int] = []
+        self.trial: list[float] = []
+        self.next_probe = 0.0
+
+    def before_step(self, now: float) -> None:
+        """Set the thread count for the coming step (probing each option for a few steps when due)."""
+        if not self.queue and now >= self.next_probe:
+            self.queue = [n for n in self.options for _ in range(self.probe)]
+            self.next_probe = now + self.every_s
+        n = self.queue[0] if self.queue else max(self.speed, key=self.speed.get)
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
+    def after_step(self, tokens_per_second: float) -> None:
+        if not self.queue:
+            return
+        n = self.queue.pop(0)
+        self.trial.append(tokens_per_second)
+        if not self.queue or self.queue[0] != n:  # this option's probe is over; its first step is warm-up
+            self.speed[n] = sum(self.trial[1:]) / max(1, len(self.trial) - 1)
+            self.trial = []
+
+
 def train(args: argparse.Namespace) -> dict:
     """Build tokenizer and corpus, train the model, save the folder; returns the training record."""
     t_start = time.time()
-    random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    tuner = ThreadTuner(args.threads) if not args.steps else None  # --steps: fixed threads, reproducible
 
     tokenizer = wrap_fast_tokenizer(train_bpe(tokenizer_texts(), args.vocab_size), args.max_len)
-    corpus = build_corpus(args.seed, args.examples, name_pieces(tokenizer))
-    data = [encode_dialogue(tokenizer, ex["messages"]) for ex in corpus]
-    data = [d for d in data if len(d[0]) <= args.max_len]
-    n_tokens = sum(len(d[0]) for d in data)
-    print(f"tokenizer {len(tokenizer)} tokens; corpus {len(data)} dialogues, {n_tokens} tokens, "
-          f"{time.time() - t_start:.0f}s", flush=True)
+    # Dialogues are drawn fresh for every batch (new random names each time) and hashed as they are used.
+    builder, corpus_hash, n_dialogues = CorpusBuilder(args.seed, name_pieces(tokenizer)), hashlib.sha256(), 0
 
+    def draw() -> tuple[list[int], list[int]]:
+        nonlocal n_dialogues
+        while True:
+            example = builder.example()
+            ids, labels = encode_dialogue(tokenizer, example["messages"])
+            if len(ids) <= args.max_len:
+                corpus_hash.update(dialogue_line(example).encode("utf-8"))
+                n_dialogues += 1
+                return ids, labels
+
+    print(f"tokenizer {len(tokenizer)} tokens, {time.time() - t_start:.0f}s", flush=True)
+
+    shape = MODEL_SHAPE | {k: v for k, v in vars(args).items() if k in MODEL_SHAPE and v is not None}
     config = MiniMindConfig(vocab_size=len(tokenizer), max_position_embeddings=args.max_len, qk_norm=False,
-                            **MODEL_SHAPE)
+                            rope_theta=args.rope_theta, **shape)
     model = MiniMindForCausalLM(config)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                               lr=args.lr, betas=(0.9, 0.95))
-    rng = random.Random(args.seed + 1)
-    order: list[int] = []
     step, seen_tokens, loss_ema, t0 = 0, 0, None, time.time()
     model.train()
     while True:
@@ -117,27 +167,31 @@ def train(args: argparse.Namespace) -> dict:
             break
         for group in optim.param_groups:
             group["lr"] = lr_at(progress, args.lr)
-        if len(order) < args.batch:  # epochs over the corpus in a fresh random order
-            order += rng.sample(range(len(data)), len(data))
-        idx, order = order[:args.batch], order[args.batch:]
-        micro_batches = make_batch(data, idx, args.micro)
+        rows = [draw() for _ in range(args.batch)]
+        if tuner:
+            tuner.before_step(time.time())
+        t_step, step_tokens = time.time(), 0
+        micro_batches = make_batch(rows, args.micro)
         n_target = sum(int((lab[:, 1:] != IGNORE).sum()) for _, lab in micro_batches)
         total = 0.0
         for ids, labels in micro_batches:
-            loss = model(ids, labels=labels).loss
+            loss = assistant_loss(model, ids, labels)
             share = int((labels[:, 1:] != IGNORE).sum()) / n_target
             (loss * share).backward()
             total += loss.item() * share
-            seen_tokens += ids.numel()
+            step_tokens += ids.numel()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
+        if tuner:
+            tuner.after_step(step_tokens / (time.time() - t_step))
+        seen_tokens += step_tokens
         step += 1
         loss_ema = total if loss_ema is None else 0.95 * loss_ema + 0.05 * total
         if step % 25 == 0:
             dt = time.time() - t0
             print(f"step {step:5d}  loss {loss_ema:.4f}  lr {optim.param_groups[0]['lr']:.2e}  "
-                  f"{seen_tokens / dt:,.0f} tok/s  {dt:.0f}s", flush=True)
+                  f"{seen_tokens / dt:,.0f} tok/s  {torch.get_num_threads()} threads  {dt:.0f}s", flush=True)
     train_s = time.time() - t0
 
     model.eval()
@@ -145,18 +199,21 @@ def train(args: argparse.Namespace) -> dict:
     record = {
         "model": "MiniMind-Tiny",
         "seed": args.seed,
-        "corpus_sha256": corpus_sha256(corpus),
-        "corpus_dialogues": len(data),
-        "corpus_tokens": n_tokens,
+        "corpus_sha256": corpus_hash.hexdigest(),
+        "corpus_dialogues": n_dialogues,
+        "corpus_files_sha256": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                                for f in sorted(CORPUS_DIR.iterdir()) if f.is_file()},
         "vocab_size": len(tokenizer),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "model_shape": MODEL_SHAPE,
+        "model_shape": shape,
         "max_position_embeddings": args.max_len,
+        "rope_theta": args.rope_theta,
         "default_system_prompt": None,
         "training": {"steps": step, "batch": args.batch, "micro_batches": args.micro, "lr": args.lr,
                      "schedule": "3% linear warm-up, cosine to 10%", "optimizer": "AdamW(0.9, 0.95), wd 0.1",
                      "grad_clip": 1.0, "loss": "assistant tokens only", "budget_seconds": args.seconds,
-                     "budget_steps": args.steps, "threads": args.threads},
+                     "budget_steps": args.steps, "max_threads": args.threads,
+                     "thread_speed_tokens_per_s": tuner.speed if tuner else None},
         "train_seconds": round(train_s, 1),
         "wall_seconds": round(time.time() - t_start, 1),
         "tokens_per_second": round(seen_tokens / train_s),
@@ -192,16 +249,18 @@ def save_folder(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerFast, 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to write (default: the bundled model)")
-    parser.add_argument("--seconds", type=float, default=660, help="training time budget (default 660)")
+    parser.add_argument("--seconds", type=float, default=840, help="training time budget (default 840)")
     parser.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead of --seconds")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--examples", type=int, default=60000, help="dialogues drawn from the corpus generator")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--max-len", type=int, default=1024, help="longest training dialogue = max_position_embeddings")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--micro", type=int, default=4, help="micro-batches per batch")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--threads", type=int, default=2)
+    for key in MODEL_SHAPE:
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, type=int, help=f"default {MODEL_SHAPE[key]}")
+    parser.add_argument("--rope-theta", type=float, default=1e6, help="RoPE base (default 1e6, as upstream)")
+    parser.add_argument("--threads", type=int, default=2, help="most torch threads (tuned between 1 and this)")
     args = parser.parse_args(argv)
     record = train(args)
     print(json.dumps({k: record[k] for k in ("steps", "train_seconds", "tokens_per_second", "final_loss_ema")
