@@ -53,5 +53,8 @@ lab: setup-dev
 tiny-model: setup-dev
 	$(PY) -m minimind_course.train_tiny
 
+eval: setup-dev
+	$(PY) -m minimind_course.eval_tiny
+
 clean:
 	rm -rf $(VENV) .pytest_cache
