@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import pytest
@@ -39,6 +40,15 @@ class Endpoint:
     base_url: str  # ends with /v1
     model: str
     api_key: str = "not-needed"
+
+
+# The bundled MiniMind-Tiny does not yet copy a name from the history (issue 3: 0-3 % recall of unseen names).
+# Tests of the memory demo are strict xfails: they go red, as a reminder to drop this marker, once a retrained model
+# recalls names; `raises=AssertionError` keeps a crash from passing as the known gap.
+NAME_RECALL_GAP = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="MiniMind-Tiny does not yet copy names from the history (issue 3); the client sends them (checked separately)",
+)
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +104,22 @@ def make_server(engine: Engine):
         running.stop()
         if own is not None:
             own.close()
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory) -> Path:
+    """The bundled model exported to a Llama folder that vLLM serves natively."""
+    from minimind_course.export import export_for_vllm
+
+    return export_for_vllm(None, tmp_path_factory.mktemp("vllm-export"))
+
+
+@pytest.fixture(scope="session")
+def vllm(export_dir: Path):
+    """Real vLLM serving the export, started once for the whole session (vLLM tests, ecosystem, browser)."""
+    from minimind_course.vllm_server import VLLMServer
+
+    # -O0: no torch.compile. Start-up drops from 1-5 minutes (busy 2-core machine) to well under one; the model code
+    # is the same. Notebook 04 runs vLLM with its default (compiled) settings and compares answers there too.
+    with VLLMServer(export_dir, served_model_name="minimind", startup_timeout=600, extra_args=["-O0"]) as running:
+        yield running

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import NAME_RECALL_GAP
 
 ROOT = Path(__file__).resolve().parents[1]
 EN_NAME, ZH_NAME = "Dmitri", "王思远"  # held-out names: the bundled model never saw them in training
@@ -41,6 +42,7 @@ def conversation(base_url: str, history: int, intro: str, question: str, tmp_pat
     return answers
 
 
+@NAME_RECALL_GAP
 @pytest.mark.parametrize(
     ("intro", "question", "name"),
     [(f"My name is {EN_NAME}.", "What is my name?", EN_NAME), (f"我叫{ZH_NAME}。", "我叫什么名字？", ZH_NAME)],
@@ -117,6 +119,7 @@ def read_until(fd: int, marker: str, timeout: float = 120.0) -> str:
     return seen.decode("utf-8", errors="replace")
 
 
+@NAME_RECALL_GAP
 def test_interactive_on_a_terminal(base_url):
     controller, terminal = pty.openpty()
     process = subprocess.Popen(

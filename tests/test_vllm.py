@@ -21,24 +21,10 @@ from openai_conformance import *  # noqa: F401,F403  (the same checks, collected
 
 from minimind_course import vllm_server
 from minimind_course.backend_compare import compare_backends, course_prompts
-from minimind_course.export import export_for_vllm
 from minimind_course.loading import BUNDLED_MODEL_DIR
 from minimind_course.vllm_server import VLLMServer, VLLMStartError, serve_vllm
 
 SERVED = "minimind"
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return export_for_vllm(None, tmp_path_factory.mktemp("vllm-export"))
-
-
-@pytest.fixture(scope="module")
-def vllm(export_dir):
-    # -O0: no torch.compile. Start-up drops from 1-5 minutes (busy 2-core machine) to well under one; the model code
-    # is the same. Notebook 04 runs vLLM with its default (compiled) settings and compares answers there too.
-    with VLLMServer(export_dir, served_model_name=SERVED, startup_timeout=600, extra_args=["-O0"]) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
