@@ -120,6 +120,11 @@ def vllm(export_dir: Path):
     from minimind_course.vllm_server import VLLMServer
 
     # -O0: no torch.compile. Start-up drops from 1-5 minutes (busy 2-core machine) to well under one; the model code
-    # is the same. Notebook 04 runs vLLM with its default (compiled) settings and compares answers there too.
+    # is the same.
     with VLLMServer(export_dir, served_model_name="minimind", startup_timeout=600, extra_args=["-O0"]) as running:
         yield running
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that stop the shared vLLM server (marked ``stops_vllm``) run after everything else (stable sort)."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_vllm") is not None)

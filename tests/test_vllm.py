@@ -139,8 +139,9 @@ def test_serve_vllm_with_a_bad_model_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "missing" in err
 
 
+@pytest.mark.stops_vllm
 def test_stop_leaves_no_process(vllm):
-    """Runs last: stopping the module's server must take its EngineCore and Worker children with it."""
+    """Runs last (conftest sorts it there): stopping the shared server must take its EngineCore and Worker children with it."""
     parent = psutil.Process(vllm.process.pid)
     family = [parent, *parent.children(recursive=True)]
     assert len(family) >= 3  # API server, EngineCore, Worker
