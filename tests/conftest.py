@@ -128,3 +128,17 @@ def vllm(export_dir: Path):
 def pytest_collection_modifyitems(items):
     """Tests that stop the shared vLLM server (marked ``stops_vllm``) run after everything else (stable sort)."""
     items.sort(key=lambda item: item.get_closest_marker("stops_vllm") is not None)
+
+
+@pytest.fixture(scope="module", params=["minimind", "vllm"])
+def backend(request) -> tuple[str, str]:
+    """(base_url, model) of our server, then of real vLLM (whose launcher passes the CORS arguments browsers need)."""
+    if request.param == "minimind":
+        endpoint = request.getfixturevalue("endpoint")
+        return endpoint.base_url, endpoint.model
+    from minimind_course.vllm_server import vllm_installed
+
+    if not vllm_installed():
+        pytest.skip("vLLM is not installed: pip install 'minimind-course[vllm]'")
+    server = request.getfixturevalue("vllm")
+    return server.base_url, server.served_model_name

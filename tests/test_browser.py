@@ -17,7 +17,6 @@ import openai
 import pytest
 
 import minimind_course
-from minimind_course.vllm_server import vllm_installed
 
 CHROMIUM = os.environ.get("MINIMIND_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -55,18 +54,6 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
-
-
-@pytest.fixture(scope="module", params=["minimind", "vllm"])
-def backend(request):
-    """(base_url, model): our server, then real vLLM (its launcher passes the CORS arguments)."""
-    if request.param == "minimind":
-        endpoint = request.getfixturevalue("endpoint")
-        return endpoint.base_url, endpoint.model
-    if not vllm_installed():
-        pytest.skip("vLLM is not installed: pip install 'minimind-course[vllm]'")
-    server = request.getfixturevalue("vllm")
-    return server.base_url, server.served_model_name
 
 
 def test_page_streams_a_two_turn_chat_across_origins(browser, page_origin, backend):

@@ -17,7 +17,6 @@ from llama_index.core.llms import ChatMessage
 from llama_index.llms.openai_like import OpenAILike
 
 from minimind_course.ecosystem import chatml_prompt, curl_chat
-from minimind_course.vllm_server import vllm_installed
 
 MAX_TOKENS = 32
 CONVERSATIONS = {
@@ -30,18 +29,6 @@ CONVERSATIONS = {
                    {"role": "user", "content": "What is my name?"}],
 }
 NAMES = list(CONVERSATIONS)
-
-
-@pytest.fixture(scope="module", params=["minimind", "vllm"])
-def backend(request):
-    """(base_url, model) of our server, then of real vLLM (the session fixture `vllm` of tests/conftest.py)."""
-    if request.param == "minimind":
-        endpoint = request.getfixturevalue("endpoint")
-        return endpoint.base_url, endpoint.model
-    if not vllm_installed():
-        pytest.skip("vLLM is not installed: pip install 'minimind-course[vllm]'")
-    server = request.getfixturevalue("vllm")
-    return server.base_url, server.served_model_name
 
 
 @pytest.fixture(scope="module")
