@@ -17,6 +17,9 @@ import asyncio
 import inspect
 import queue
 import threading
+import time
+import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from minimind_course.sampling import SamplingParams, build_logits_pipeline, make
 from minimind_course.stop_strings import StopStringMatcher
 
 DEFAULT_MAX_QUEUE = 64
+TRACE_HISTORY = 1024  # how many finished requests ``Engine.traces()`` remembers
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
@@ -128,6 +132,18 @@ class GenerationResult:
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per choice, when requested
 
 
+@dataclass(frozen=True)
+class RequestTrace:
+    """How the worker let go of one request. ``outcome``: finished (stop/length), cancelled (mid-generation),
+    skipped (cancelled while queued) or failed. Times are ``time.monotonic()`` seconds."""
+
+    request_id: str
+    outcome: str
+    completion_tokens: int
+    cancelled_at: float | None  # when cancel() was first called, for cancelled and skipped requests
+    finished_at: float  # when the worker stopped generating for it
+
+
 @dataclass
 class GenerationHandle:
     """A submitted request: iterate it (async) for ``StepOutput``s; ``cancel()`` stops its generation."""
@@ -135,10 +151,14 @@ class GenerationHandle:
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled_at: float | None = None
 
     def cancel(self) -> None:
+        if self.cancelled_at is None:
+            self.cancelled_at = time.monotonic()
         self.cancelled.set()
 
     def send(self, item: StepOutput | BaseException) -> None:
@@ -203,6 +223,8 @@ class Engine:
         self.sampling_defaults = self._generation_config_defaults()
         self._template_reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters)
         self.active: GenerationHandle | None = None  # the request the worker is generating right now
+        self._traces: deque[RequestTrace] = deque(maxlen=TRACE_HISTORY)
+        self._traces_lock = threading.Lock()
         self._jobs: queue.Queue[GenerationHandle | None] = queue.Queue(maxsize=max_queue)
         self._worker = threading.Thread(target=self._serve_forever, name="minimind-engine", daemon=True)
         self._worker.start()
@@ -245,11 +267,13 @@ class Engine:
         return max_tokens if max_tokens is not None else self.max_model_len - prompt_tokens
 
     # ---- requests ------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> GenerationHandle:
         """Queue a request (call from the event loop); raises EngineBusyError when the queue is full."""
         if not prompt_ids:
             raise PromptError("the prompt is empty")
         handle = GenerationHandle(list(prompt_ids), params, asyncio.get_running_loop())
+        if request_id is not None:
+            handle.request_id = request_id
         try:
             self._jobs.put_nowait(handle)
         except queue.Full:
@@ -262,6 +286,11 @@ class Engine:
     def queued(self) -> int:
         """Requests waiting for the worker (not counting the one it is running)."""
         return self._jobs.qsize()
+
+    def traces(self) -> list[RequestTrace]:
+        """The last ``TRACE_HISTORY`` requests the worker let go of, oldest first (how and when each ended)."""
+        with self._traces_lock:
+            return list(self._traces)
 
     def close(self) -> None:
         """Stop the worker after the request it is running; queued requests are dropped."""
@@ -276,19 +305,29 @@ class Engine:
     # ---- the worker thread ---------------------------------------------------------------------------
     def _serve_forever(self) -> None:
         while (handle := self._jobs.get()) is not None:
-            if handle.cancelled.is_set():
-                continue  # its client left while it waited
+            if handle.cancelled.is_set():  # its client left while it waited
+                self._record(handle, "skipped", 0)
+                continue
             self.active = handle
+            outcome, tokens = "failed", 0
             try:
-                self._generate(handle)
+                outcome, tokens = self._generate(handle)
             except Exception as err:  # a bug or out-of-memory must not kill the worker
                 handle.send(err)
             finally:
                 self.active = None
+                self._record(handle, outcome, tokens)
+
+    def _record(self, handle: GenerationHandle, outcome: str, completion_tokens: int) -> None:
+        cancelled_at = handle.cancelled_at if outcome in ("cancelled", "skipped") else None
+        trace = RequestTrace(handle.request_id, outcome, completion_tokens, cancelled_at, time.monotonic())
+        with self._traces_lock:
+            self._traces.append(trace)
 
     @torch.inference_mode()
-    def _generate(self, handle: GenerationHandle) -> None:
-        """Prefill the prompt once, then decode token by token with the KV cache until every choice ends."""
+    def _generate(self, handle: GenerationHandle) -> tuple[str, int]:
+        """Prefill the prompt once, then decode token by token with the KV cache until every choice ends.
+        Returns "finished" or "cancelled" and the number of tokens generated."""
         params, prompt_len = handle.params, len(handle.prompt_ids)
         device = self.model.device
         sequences = torch.tensor([handle.prompt_ids] * params.n, dtype=torch.long, device=device)
@@ -316,8 +355,9 @@ class Engine:
             done = all(finish)
             handle.send(StepOutput(deltas, prompt_len, sum(generated), done))
             if done:
-                return
+                return "finished", sum(generated)
             out = self.model(input_ids=tokens[:, None], past_key_values=out.past_key_values, use_cache=True)
+        return "cancelled", sum(generated)
 
     def _advance(
         self, token: int, detok: IncrementalDetokenizer, matcher: StopStringMatcher, count: int, params: SamplingParams

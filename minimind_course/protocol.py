@@ -9,20 +9,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from minimind_course.sampling import SamplingParams
 
 MAX_N = 8  # choices per request; each one costs a full generation on the single worker
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+SAMPLING_EPS = 1e-5  # vLLM's rule: a temperature below this is greedy (dividing logits by it would overflow)
+INT64 = (-(2**63), 2**63 - 1)  # a seed must fit torch.Generator.manual_seed
 
 
 class OpenAIError(Exception):
     """An error the server reports in OpenAI's envelope with the given HTTP status."""
 
     TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
-             413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
-             503: "ServiceUnavailableError"}
+             413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError", 429: "RateLimitError",
+             500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
@@ -53,9 +55,10 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Request(BaseModel):
-    """Unknown fields are accepted and ignored, like OpenAI's own API does for forward compatibility."""
+    """Unknown fields are accepted and ignored, like OpenAI's own API does for forward compatibility.
+    Numbers must be finite: Python's JSON reader accepts NaN and Infinity, which no parameter means."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(_Request):
@@ -94,11 +97,11 @@ class _SamplingRequest(_Request):
     top_k: int | None = Field(None, ge=-1)
     max_tokens: int | None = Field(None, ge=1)
     stop: Text | list[Text] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=2.0)  # below 0.01 sampled logits overflow
     ignore_eos: bool = False  # vLLM extra: generate max_tokens tokens even past end-of-sequence
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -119,9 +122,10 @@ class _SamplingRequest(_Request):
             return value if value is not None else defaults.get(name, fallback)
 
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        temperature = float(pick("temperature", 1.0))
         return SamplingParams(
             n=self.n,
-            temperature=float(pick("temperature", 1.0)),
+            temperature=temperature if temperature >= SAMPLING_EPS else 0.0,
             top_p=float(pick("top_p", 1.0)),
             top_k=int(pick("top_k", 0)),
             presence_penalty=self.presence_penalty,
@@ -175,11 +179,15 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = None
     best_of: int | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list) -> str | list:
+        if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], (str, list)):
+            raise ValueError("send one prompt per request (batched prompts are not supported)")
+        return prompt
+
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                raise ValueError("send one prompt per request (batched prompts are not supported)")
         if self.echo or self.suffix or self.logprobs:
             raise ValueError("echo, suffix and logprobs are not supported by this server")
         if self.best_of not in (None, 1, self.n):

@@ -110,7 +110,7 @@ def create_app(
         meta = ResponseMeta.new("chatcmpl", check_model(body.model))
         prompt = _run_user_step(engine.chat_prompt, body.template_messages(), body.chat_template_kwargs)
         thinking = prompt.rstrip().endswith(THINK_START)  # the template pre-filled an open <think>
-        handle = _submit(engine, engine.encode(prompt), body)
+        handle = _submit(engine, engine.encode(prompt), body, meta.id)
         tokens = token_text if body.logprobs else None
         if body.stream:
             stream = _chat_stream(handle, meta, body.include_usage, thinking, tokens)
@@ -130,7 +130,7 @@ def create_app(
             if any(not 0 <= token < vocab for token in prompt):
                 raise OpenAIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
             prompt_ids = prompt
-        handle = _submit(engine, prompt_ids, body)
+        handle = _submit(engine, prompt_ids, body, meta.id)
         if body.stream:
             stream = _completion_stream(handle, meta, body.include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS,
@@ -154,13 +154,13 @@ def _run_user_step(func, *args):
         raise OpenAIError(400, str(err), "messages") from err
 
 
-def _submit(engine: Engine, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest):
-    """Check the context budget, build sampling parameters, queue the request."""
+def _submit(engine: Engine, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest, request_id: str):
+    """Check the context budget, build sampling parameters, queue the request under the response's id."""
     if not prompt_ids:
         raise OpenAIError(400, "The prompt is empty.", "prompt")
     try:
         budget = engine.completion_budget(len(prompt_ids), body.requested_max_tokens())
-        return engine.submit(prompt_ids, body.sampling_params(budget, engine.sampling_defaults))
+        return engine.submit(prompt_ids, body.sampling_params(budget, engine.sampling_defaults), request_id)
     except ContextLengthError as err:
         raise OpenAIError(400, str(err), "messages" if isinstance(body, ChatCompletionRequest) else "prompt") from err
     except EngineBusyError as err:
@@ -335,13 +335,22 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         """FastAPI says 422; OpenAI clients expect 400 with a readable message (as vLLM does)."""
+        content_type = request.headers.get("content-type")
+        if not _is_json_media_type(content_type):  # FastAPI did not even try to parse the body as JSON
+            message = (f"The body must be JSON sent with `Content-Type: application/json` (got "
+                       f"{f'`{content_type}`' if content_type else 'no Content-Type'}; with curl add "
+                       "-H 'Content-Type: application/json').")
+            return JSONResponse(error_body(415, message), status_code=415)
         problems, param = [], None
         for item in err.errors():
             loc = [str(part) for part in item.get("loc", ()) if part != "body"]
             if item.get("type") == "json_invalid":
                 problems.append(f"the body is not valid JSON ({item.get('ctx', {}).get('error', 'parse error')})")
+                continue
+            if not loc and item.get("type") == "missing":
+                problems.append("the body is empty (or null): send a JSON object")
                 continue
             param = param or ".".join(loc) or None
             message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -350,12 +359,30 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code,
+        parse_error = err.status_code == 400 and err.__cause__ is not None  # FastAPI could not read the body
+        message = _body_parse_error(err.__cause__) if parse_error else str(err.detail)
+        return JSONResponse(error_body(err.status_code, message), status_code=err.status_code,
                             headers=getattr(err, "headers", None))
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, err: Exception) -> JSONResponse:
         return JSONResponse(error_body(500, f"internal error: {type(err).__name__}"), status_code=500)
+
+
+def _is_json_media_type(content_type: str | None) -> bool:
+    """``application/json`` or ``application/*+json``, parameters such as charset allowed (FastAPI's rule)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _body_parse_error(cause: BaseException) -> str:
+    """Why FastAPI could not read the body (it only says "There was an error parsing the body")."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the body is not valid JSON (arrays or objects nested too deeply)"
+    detail = str(cause).strip().splitlines()
+    return f"the body is not valid JSON ({detail[0].split('; ')[0] if detail else type(cause).__name__})"
 
 
 # ---- middleware (pure ASGI, so streaming and disconnect detection pass through untouched) -----------------
