@@ -1,0 +1,39 @@
+"""Load with disconnects (issue 8): 64 concurrent streaming clients, 32 of them hang up after a few chunks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from minimind_course.disconnect_load import MAX_STOP_LATENCY_S, DisconnectLoadConfig, run_disconnect_load
+
+
+def test_64_streaming_clients_half_of_them_disconnecting(server, engine, capsys):
+    config = DisconnectLoadConfig(clients=64, disconnects=32, max_tokens=96)
+    report = run_disconnect_load(server, engine, config)
+    with capsys.disabled():
+        print("\n" + report.summary())
+    assert report.problems == []  # staying clients got their solo text; leavers cancelled mid-answer, in time
+    assert (report.clients, report.disconnects, len(report.stop_latencies_s)) == (64, 32, 32)
+    assert 0 < report.max_stop_latency_s <= MAX_STOP_LATENCY_S
+    assert report.threads_after == report.threads_before and report.tasks_after == report.tasks_before
+    assert report.engine_busy_after == {"active": 0, "queued": 0}
+
+
+def test_leaving_clients_are_spread_over_all_clients():
+    assert DisconnectLoadConfig(clients=64, disconnects=32).leaving() == set(range(0, 64, 2))
+    assert DisconnectLoadConfig(clients=5, disconnects=0).leaving() == set()
+    assert len(DisconnectLoadConfig(clients=7, disconnects=7).leaving()) == 7
+
+
+def test_command_line_prints_the_figures_and_writes_json(tmp_path):
+    out = tmp_path / "figures.json"
+    result = subprocess.run([sys.executable, "-m", "minimind_course.disconnect_load", "--clients", "6",
+                             "--disconnects", "3", "--max-tokens", "24", "--json", str(out)],
+                            capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "clients 6, disconnects 3" in result.stdout and "stop latency after disconnect" in result.stdout
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    assert figures["problems"] == [] and len(figures["stop_latencies_s"]) == 3
+    assert figures["threads_before"] == figures["threads_after"]
