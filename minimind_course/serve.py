@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import subprocess
 import sys
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -82,6 +83,8 @@ def serve_minimind(args: argparse.Namespace) -> int:
     except Exception as err:  # any load failure is reported as one line: path, format, device, dtype...
         sock.close()
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if args.model and args.model not in message:  # e.g. safetensors' "header too large" names no file
+            message = f"{args.model}: {message}"
         raise SystemExit(f"error: cannot load the model: {message}") from None
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      cors_origins=args.cors_origins, max_body_bytes=args.max_body_bytes)
@@ -102,12 +105,26 @@ def serve_minimind(args: argparse.Namespace) -> int:
     return 0
 
 
+def vllm_import_problem() -> str | None:
+    """Why ``import vllm`` fails here (None when it works), tried in a child process (about 4 s): a broken install
+    (e.g. PyPI's CUDA torchvision next to CPU torch) would otherwise end as a traceback from the vLLM process."""
+    tried = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, encoding="utf-8",
+                           errors="replace", timeout=300)
+    if tried.returncode == 0:
+        return None
+    lines = [line.strip() for line in tried.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {tried.returncode}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.backend == "vllm":
-        from minimind_course.vllm_server import serve_vllm
+        from minimind_course.vllm_server import serve_vllm, vllm_installed
 
-        return serve_vllm(args)
+        if vllm_installed() and (problem := vllm_import_problem()) is not None:
+            raise SystemExit(f"error: vLLM is installed but cannot be imported: {problem} "
+                             "(see docs/troubleshooting.md)")
+        return serve_vllm(args)  # reports a missing vLLM itself, with the install command
     return serve_minimind(args)
 
 

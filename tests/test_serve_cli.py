@@ -8,11 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import safetensors.torch
+import torch
 
+from minimind_course.loading import BUNDLED_MODEL_DIR
 from minimind_course.serve import parse_args
 
 SERVE = [sys.executable, "-m", "minimind_course.serve"]
@@ -25,8 +29,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*SERVE, *args], capture_output=True, text=True, encoding="utf-8", timeout=120)
+def run_cli(*args: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if pythonpath is not None:  # put a stand-in module (or sitecustomize) first on the import path
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH")) if p)
+    return subprocess.run([*SERVE, *args], capture_output=True, text=True, encoding="utf-8", timeout=120, env=env)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -48,6 +55,44 @@ def test_bad_model_path_is_one_line_and_exit_1(tmp_path):
     assert_one_line_error(run_cli("--model", str(tmp_path / "missing"), "--port", "0"), "missing")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert_one_line_error(run_cli("--model", str(tmp_path / "junk.pth"), "--port", "0"), "junk.pth")
+
+
+def model_folder_with_weights(folder: Path, weights: bytes) -> Path:
+    """The bundled model's config and tokenizer next to the given bytes as model.safetensors."""
+    folder.mkdir()
+    for source in BUNDLED_MODEL_DIR.iterdir():
+        if source.is_file() and source.suffix in (".json", ".jinja"):
+            (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_corrupt_weights_are_one_line_and_exit_1(tmp_path):
+    weights = (BUNDLED_MODEL_DIR / "model.safetensors").read_bytes()
+    garbage = model_folder_with_weights(tmp_path / "garbage", b"\x93not safetensors at all\x00" * 400)
+    assert_one_line_error(run_cli("--model", str(garbage), "--port", "0"), str(garbage))
+    truncated = model_folder_with_weights(tmp_path / "truncated", weights[: len(weights) // 3])
+    assert_one_line_error(run_cli("--model", str(truncated), "--port", "0"), str(truncated))
+    checkpoint = tmp_path / "full_sft_256.pth"
+    torch.save(safetensors.torch.load(weights), checkpoint)
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])  # a download cut short
+    assert_one_line_error(run_cli("--model", str(checkpoint), "--port", "0"), str(checkpoint))
+
+
+def test_backend_vllm_without_vllm_is_one_line_and_exit_1(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["vllm"] = None  # as if not installed\n',
+                                               encoding="utf-8")
+    result = run_cli("--backend", "vllm", "--port", "0", pythonpath=tmp_path)
+    assert_one_line_error(result, "vLLM is not installed")
+    assert "pip install" in result.stderr
+
+
+def test_backend_vllm_that_cannot_be_imported_is_one_line_and_exit_1(tmp_path):
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(
+        'raise ImportError("libcudart.so.12: cannot open shared object file")\n', encoding="utf-8")
+    result = run_cli("--backend", "vllm", "--port", "0", pythonpath=tmp_path)
+    assert_one_line_error(result, "vLLM is installed but cannot be imported: ImportError: libcudart.so.12")
 
 
 def test_options_are_parsed_for_both_backends():
