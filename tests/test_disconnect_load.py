@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
+import pytest
+
 from minimind_course.disconnect_load import MAX_STOP_LATENCY_S, DisconnectLoadConfig, run_disconnect_load
+from minimind_course.engine import Engine
+from minimind_course.sampling import SamplingParams
 
 
 def test_64_streaming_clients_half_of_them_disconnecting(server, engine, capsys):
@@ -37,3 +42,29 @@ def test_command_line_prints_the_figures_and_writes_json(tmp_path):
     figures = json.loads(out.read_text(encoding="utf-8"))
     assert figures["problems"] == [] and len(figures["stop_latencies_s"]) == 3
     assert figures["threads_before"] == figures["threads_after"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_engine_traces_say_how_each_request_ended(engine):
+    """The measure the load relies on: finished, cancelled mid-answer (with both times), skipped while queued."""
+    own = Engine(engine.model, engine.tokenizer)
+    try:
+        prompt = own.encode(own.chat_prompt([{"role": "user", "content": "你好"}]))
+        await own.submit(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), "done").result()
+        endless = own.submit(prompt, SamplingParams(temperature=0, max_tokens=900, ignore_eos=True), "left")
+        queued = own.submit(prompt, SamplingParams(temperature=0, max_tokens=4), "queued")
+        queued.cancel()
+        await endless.__aiter__().__anext__()  # it is generating now
+        endless.cancel()
+        while own.active is not None or own.queued:
+            await asyncio.sleep(0.01)
+    finally:
+        own.close()
+    traces = {trace.request_id: trace for trace in own.traces()}
+    assert (traces["done"].outcome, traces["done"].completion_tokens, traces["done"].cancelled_at) == ("finished", 4,
+                                                                                                      None)
+    left = traces["left"]
+    assert left.outcome == "cancelled" and 0 < left.completion_tokens < 900
+    assert left.cancelled_at <= left.finished_at < left.cancelled_at + MAX_STOP_LATENCY_S
+    assert (traces["queued"].outcome, traces["queued"].completion_tokens) == ("skipped", 0)
+    assert [t.request_id for t in own.traces()] == ["done", "left", "queued"]  # in the order the worker let go
