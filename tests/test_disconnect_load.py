@@ -22,7 +22,7 @@ def test_64_streaming_clients_half_of_them_disconnecting(server, engine, capsys)
     assert report.problems == []  # staying clients got their solo text; leavers cancelled mid-answer, in time
     assert (report.clients, report.disconnects, len(report.stop_latencies_s)) == (64, 32, 32)
     assert 0 < report.max_stop_latency_s <= MAX_STOP_LATENCY_S
-    assert report.threads_after == report.threads_before and report.tasks_after == report.tasks_before
+    assert report.threads_after <= report.threads_before and report.tasks_after <= report.tasks_before  # no leak
     assert report.engine_busy_after == {"active": 0, "queued": 0}
 
 
@@ -41,7 +41,7 @@ def test_command_line_prints_the_figures_and_writes_json(tmp_path):
     assert "clients 6, disconnects 3" in result.stdout and "stop latency after disconnect" in result.stdout
     figures = json.loads(out.read_text(encoding="utf-8"))
     assert figures["problems"] == [] and len(figures["stop_latencies_s"]) == 3
-    assert figures["threads_before"] == figures["threads_after"]
+    assert figures["threads_after"] <= figures["threads_before"]
 
 
 @pytest.mark.asyncio(loop_scope="session")
