@@ -127,8 +127,9 @@ def test_seed_reproduces_sampling_and_choices_differ(engine):
     params = SamplingParams(n=4, temperature=2.0, max_tokens=24, seed=1234, ignore_eos=True)  # flat: choices differ
     first, _ = asyncio.run(collect(engine, params, prompt))
     second, _ = asyncio.run(collect(engine, params, prompt))
+    # Compare text per choice: the chunking may differ (steps pile up and merge when the reader lags).
     texts = ["".join(d.text for d in first if d.index == i) for i in range(4)]
-    assert first == second
+    assert texts == ["".join(d.text for d in second if d.index == i) for i in range(4)]
     assert len(set(texts)) > 1  # each choice is its own sample
 
 
