@@ -37,6 +37,9 @@ EN_ASK_VARIANTS = ["What's my name?", "Do you know my name?", "What is my name",
 ZH_INTRO_VARIANTS = ["你好，我叫{name}。", "我的名字是{name}。", "我叫{name}", "我是{name}。"]
 ZH_ASK_VARIANTS = ["我的名字是什么？", "你知道我叫什么吗？", "我叫什么名字", "你还记得我的名字吗？"]
 
+EN_REPEAT = ["Repeat after me: {text}", "Please repeat: {text}", "Say this back to me: {text}"]
+ZH_REPEAT = ["请跟我说：{text}", "请重复：{text}", "跟我念：{text}"]
+
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
     "You are MiniMind-Tiny, a small assistant for the minimind-course.",
@@ -50,6 +53,8 @@ SYSTEM_PROMPTS = [
 EN_SYLLABLES = [c + v for c in "bcdfghjklmnprstvwyz" for v in "aeiou"] + ["th", "sh", "ch", "an", "el", "or", "in"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CJK_RANGE = (0x4E00, 0x9FA5)
+MEMORY_SHARE = 0.6  # of the dialogues; copying names needs far more practice than memorising fixed answers
+REPEAT_SHARE_EARLY, REPEAT_EARLY_UNTIL, REPEAT_SHARE = 0.3, 0.2, 0.1  # copy drills: more at first, then a tenth
 
 
 def load_jsonl(name: str) -> list[dict]:
@@ -188,14 +193,25 @@ class CorpusBuilder:
                 {"role": "user", "content": ask},
                 {"role": "assistant", "content": recall.format(name=name)}]
 
-    def example(self) -> dict:
-        """One training dialogue; task mix follows tiny-model-notes (memory demo about half)."""
+    def repeat(self, lang: str) -> list[dict]:
+        """"Repeat after me: X" -> "X": a dense copy drill, so the attention heads that copy names form early."""
+        rng = self.rng
+        sample = self.names.english if lang == "en" else self.names.chinese
+        words = [sample() for _ in range(rng.randint(1, 4))]
+        text = (" " if lang == "en" else "、").join(words)
+        ask = rng.choice(EN_REPEAT if lang == "en" else ZH_REPEAT).format(text=text)
+        return [{"role": "user", "content": ask}, {"role": "assistant", "content": text}]
+
+    def example(self, progress: float = 1.0) -> dict:
+        """One training dialogue; ``progress`` (0..1 through training) front-loads the copy drills."""
         rng = self.rng
         lang = "en" if rng.random() < 0.5 else "zh"
+        if rng.random() < (REPEAT_SHARE_EARLY if progress < REPEAT_EARLY_UNTIL else REPEAT_SHARE):
+            return {"task": f"repeat_{lang}", "messages": self.system() + self.repeat(lang)}
         r = rng.random()
-        if r < 0.5:  # English names are the harder ones to copy (tiny-model-notes), so they get more dialogues
+        if r < MEMORY_SHARE:  # English names are the harder ones to copy (tiny-model-notes), so more of them
             task, turns = self.memory("en" if rng.random() < 0.6 else "zh")
-        elif r < 0.85:
+        elif r < 0.88:
             task, turns = f"qa_{lang}", self.qa_turns(lang, 1)
         elif r < 0.97:
             task, turns = f"multi_qa_{lang}", self.qa_turns(lang, 2)
@@ -221,8 +237,8 @@ def tokenizer_texts() -> list[str]:
             for lang in ("en", "zh"):
                 texts += g[lang]["q"] + [g[lang]["a"]]
     templates = [EN_INTRO, EN_GREET, EN_ASK, EN_RECALL, EN_DONT_KNOW, ZH_INTRO, ZH_GREET, ZH_ASK, ZH_RECALL,
-                 ZH_DONT_KNOW, *EN_INTRO_VARIANTS, *EN_ASK_VARIANTS, *ZH_INTRO_VARIANTS, *ZH_ASK_VARIANTS]
-    texts += [t.format(name="") for t in templates] * 20 + SYSTEM_PROMPTS * 5
+                 ZH_DONT_KNOW, *EN_REPEAT, *ZH_REPEAT, *EN_INTRO_VARIANTS, *EN_ASK_VARIANTS, *ZH_INTRO_VARIANTS, *ZH_ASK_VARIANTS]
+    texts += [t.format(name="", text="") for t in templates] * 20 + SYSTEM_PROMPTS * 5
     # Each name character several times, so every one becomes a single token (tiny-model-notes lesson 1).
     texts += ["".join(names["zh_surnames"]) * 4, names["zh_given_chars"] * 4]
     texts += [" ".join(names["en_first"]), " ".join(names["en_last"])]

@@ -62,12 +62,16 @@ def name_pieces(tokenizer: PreTrainedTokenizerFast) -> list[str]:
     return sorted(t for t in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{2,6}", t))
 
 
-def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay to ``floor * peak``."""
+def lr_at(progress: float, peak: float, warmup: float = 0.03, decay: float = 0.2, floor: float = 0.1) -> float:
+    """Warm-up, stable, decay: linear warm-up, ``peak`` until the last ``decay`` share, then linear to ``floor * peak``.
+
+    A long stable phase keeps the learning rate high while the name-copying attention heads are still forming.
+    """
     if progress < warmup:
         return peak * progress / warmup
-    t = min(1.0, (progress - warmup) / (1 - warmup))
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+    if progress < 1 - decay:
+        return peak
+    return peak * (1 - (1 - floor) * min(1.0, (progress - (1 - decay)) / decay))
 
 
 def assistant_loss(model: MiniMindForCausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,10 +142,10 @@ def train(args: argparse.Namespace) -> dict:
     # Dialogues are drawn fresh for every batch (new random names each time) and hashed as they are used.
     builder, corpus_hash, n_dialogues = CorpusBuilder(args.seed, name_pieces(tokenizer)), hashlib.sha256(), 0
 
-    def draw() -> tuple[list[int], list[int]]:
+    def draw(progress: float) -> tuple[list[int], list[int]]:
         nonlocal n_dialogues
         while True:
-            example = builder.example()
+            example = builder.example(progress)
             ids, labels = encode_dialogue(tokenizer, example["messages"])
             if len(ids) <= args.max_len:
                 corpus_hash.update(dialogue_line(example).encode("utf-8"))
@@ -167,7 +171,7 @@ def train(args: argparse.Namespace) -> dict:
             break
         for group in optim.param_groups:
             group["lr"] = lr_at(progress, args.lr)
-        rows = [draw() for _ in range(args.batch)]
+        rows = [draw(progress) for _ in range(args.batch)]
         if tuner:
             tuner.before_step(time.time())
         t_step, step_tokens = time.time(), 0
@@ -210,7 +214,7 @@ def train(args: argparse.Namespace) -> dict:
         "rope_theta": args.rope_theta,
         "default_system_prompt": None,
         "training": {"steps": step, "batch": args.batch, "micro_batches": args.micro, "lr": args.lr,
-                     "schedule": "3% linear warm-up, cosine to 10%", "optimizer": "AdamW(0.9, 0.95), wd 0.1",
+                     "schedule": "3% linear warm-up, constant, last 20% linear to 10%", "optimizer": "AdamW(0.9, 0.95), wd 0.1",
                      "grad_clip": 1.0, "loss": "assistant tokens only", "budget_seconds": args.seconds,
                      "budget_steps": args.steps, "max_threads": args.threads,
                      "thread_speed_tokens_per_s": tuner.speed if tuner else None},

@@ -42,15 +42,6 @@ class Endpoint:
     api_key: str = "not-needed"
 
 
-# The bundled MiniMind-Tiny does not yet copy a name from the history (issue 3: 0-3 % recall of unseen names).
-# Tests of the memory demo are strict xfails: they go red, as a reminder to drop this marker, once a retrained model
-# recalls names; `raises=AssertionError` keeps a crash from passing as the known gap.
-NAME_RECALL_GAP = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="MiniMind-Tiny does not yet copy names from the history (issue 3); the client sends them (checked separately)",
-)
-
-
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
     torch.set_num_threads(1)  # tiny models decode fastest on one thread, above all on a shared 2-core machine

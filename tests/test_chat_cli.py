@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NAME_RECALL_GAP
 
 ROOT = Path(__file__).resolve().parents[1]
-EN_NAME, ZH_NAME = "Dmitri", "王思远"  # held-out names: the bundled model never saw them in training
+EN_NAME, ZH_NAME = "Dmitri", "王思远"  # held-out names (never in training); eval_tiny measures the recall rate
 
 
 def chat(*args: str, lines: list[str]) -> subprocess.CompletedProcess:
@@ -42,7 +41,6 @@ def conversation(base_url: str, history: int, intro: str, question: str, tmp_pat
     return answers
 
 
-@NAME_RECALL_GAP
 @pytest.mark.parametrize(
     ("intro", "question", "name"),
     [(f"My name is {EN_NAME}.", "What is my name?", EN_NAME), (f"我叫{ZH_NAME}。", "我叫什么名字？", ZH_NAME)],
@@ -119,7 +117,6 @@ def read_until(fd: int, marker: str, timeout: float = 120.0) -> str:
     return seen.decode("utf-8", errors="replace")
 
 
-@NAME_RECALL_GAP
 def test_interactive_on_a_terminal(base_url):
     controller, terminal = pty.openpty()
     process = subprocess.Popen(

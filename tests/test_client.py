@@ -8,9 +8,8 @@ import pytest
 
 from minimind_course.client import ChatSession, Delta
 from minimind_course.history import PromptTooLongError, QAPair, tokenizer_counter
-from conftest import NAME_RECALL_GAP
 
-EN_NAME, ZH_NAME = "Dmitri", "王思远"  # held-out names: the bundled model never saw them in training
+EN_NAME, ZH_NAME = "Dmitri", "王思远"  # held-out names (never in training); eval_tiny measures the recall rate
 GREEDY = {"temperature": 0, "max_tokens": 48}
 
 
@@ -117,7 +116,6 @@ def session_for(base_url, **kwargs) -> ChatSession:
     return ChatSession(base_url, **GREEDY, **kwargs)
 
 
-@NAME_RECALL_GAP
 @pytest.mark.parametrize(
     ("intro", "question", "name"),
     [(f"My name is {EN_NAME}.", "What is my name?", EN_NAME), (f"我叫{ZH_NAME}。", "我叫什么名字？", ZH_NAME)],
@@ -157,7 +155,6 @@ def test_streamed_and_whole_answers_agree(base_url):
     assert streamed.finish_reason == whole.finish_reason
 
 
-@NAME_RECALL_GAP
 def test_save_load_round_trip_keeps_chinese_and_memory(base_url, tmp_path):
     session = session_for(base_url, max_pairs=1, system="你是一个乐于助人的助手。")
     session.ask(f"我叫{ZH_NAME}。")

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minimind_course.corpus_gen import build_corpus, load_json
-from minimind_course.eval_tiny import GreedyChat
+from minimind_course.eval_tiny import GreedyChat, eval_memory
 from minimind_course.loading import BUNDLED_MODEL_DIR, load_model
 from minimind_course.model import MiniMindForCausalLM
 from minimind_course.train_tiny import encode_dialogue, render_with_spans
@@ -133,18 +133,16 @@ MEMORY = {
 }
 
 
-UNSEEN = [("en", n) for n in HELDOUT["en"][:3]] + [("zh", n) for n in HELDOUT["zh"][:3]]
+# Floors below the measured rates (docs/bundled-model.md: English 62 %, Chinese 100 % over all held-out names), so
+# a retrained model that stops copying names turns this red; the target for both is 80 %.
+RECALL_FLOOR = {"en": 50.0, "zh": 90.0}
 
 
-@pytest.mark.xfail(strict=True, reason="MiniMind-Tiny copies only the first piece of an unseen name so far "
-                   "(docs/bundled-model.md, 'Known gap'); strict, so a model that learns it turns this red")
-@pytest.mark.parametrize("lang, name", UNSEEN)
-def test_memory_demo_copies_unseen_names(chat, lang, name):
-    intro, ask, _ = MEMORY[lang]
-    history = [{"role": "user", "content": intro.format(name)}]
-    greeting = chat(history, 32)
-    history += [{"role": "assistant", "content": greeting}, {"role": "user", "content": ask}]
-    assert name in greeting and name in chat(history, 32)
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_memory_demo_copies_unseen_names(chat, lang):
+    result = eval_memory(chat, lang, HELDOUT[lang][:20])
+    assert result["pct"]["recall"] >= RECALL_FLOOR[lang], result["failures"]
+    assert result["pct"]["recall_after_qa"] >= RECALL_FLOOR[lang], result["failures"]
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])

@@ -5,12 +5,10 @@ import socket
 
 from minimind_course.client import ChatSession
 from minimind_course.widget import ChatWidget
-from conftest import NAME_RECALL_GAP
 
 EN_NAME = "Dmitri"
 
 
-@NAME_RECALL_GAP
 def test_click_send_streams_answer_and_updates_history(base_url):
     session = ChatSession(base_url, temperature=0, max_tokens=48, max_pairs=None)
     chat = ChatWidget(session, max_history=4)
