@@ -237,7 +237,8 @@ def tokenizer_texts() -> list[str]:
             for lang in ("en", "zh"):
                 texts += g[lang]["q"] + [g[lang]["a"]]
     templates = [EN_INTRO, EN_GREET, EN_ASK, EN_RECALL, EN_DONT_KNOW, ZH_INTRO, ZH_GREET, ZH_ASK, ZH_RECALL,
-                 ZH_DONT_KNOW, *EN_REPEAT, *ZH_REPEAT, *EN_INTRO_VARIANTS, *EN_ASK_VARIANTS, *ZH_INTRO_VARIANTS, *ZH_ASK_VARIANTS]
+                 ZH_DONT_KNOW, *EN_REPEAT, *ZH_REPEAT, *EN_INTRO_VARIANTS, *EN_ASK_VARIANTS, *ZH_INTRO_VARIANTS,
+                 *ZH_ASK_VARIANTS]
     texts += [t.format(name="", text="") for t in templates] * 20 + SYSTEM_PROMPTS * 5
     # Each name character several times, so every one becomes a single token (tiny-model-notes lesson 1).
     texts += ["".join(names["zh_surnames"]) * 4, names["zh_given_chars"] * 4]
