@@ -59,7 +59,7 @@ def encode_dialogue(tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict]
 
 def name_pieces(tokenizer: PreTrainedTokenizerFast) -> list[str]:
     """Lower-case alphabetic sub-words of the vocabulary, from which random training names are built."""
-    return sorted(t for t in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{2,6}", t))
+    return sorted(t for t in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{1,6}", t))
 
 
 def lr_at(progress: float, peak: float, warmup: float = 0.03, decay: float = 0.2, floor: float = 0.1) -> float:
