@@ -229,7 +229,11 @@ def build_corpus(seed: int, n_examples: int, pieces: Sequence[str] = ()) -> list
 
 
 def tokenizer_texts() -> list[str]:
-    """Text the tokenizer is trained on: the hand-written corpus, templates, prompts and name material."""
+    """Text the tokenizer is trained on: the hand-written corpus, templates, prompts and Chinese name characters.
+
+    English name lists stay out: their merges made name-only pieces ("ĠBeat" on the way to "ĠBeatriz") that
+    training names almost never contain, so held-out names holding them were not copied (docs/bundled-model.md).
+    """
     names = load_json("names.json")
     texts = []
     for name in ("concepts.jsonl", "chat.jsonl"):
@@ -242,7 +246,6 @@ def tokenizer_texts() -> list[str]:
     texts += [t.format(name="", text="") for t in templates] * 20 + SYSTEM_PROMPTS * 5
     # Each name character several times, so every one becomes a single token (tiny-model-notes lesson 1).
     texts += ["".join(names["zh_surnames"]) * 4, names["zh_given_chars"] * 4]
-    # (English name lists stay out: their merges made name-only pieces such as "ĠBeat" that training never copies)
     return texts
 
 

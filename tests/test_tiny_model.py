@@ -133,9 +133,9 @@ MEMORY = {
 }
 
 
-# Floors below the measured rates (docs/bundled-model.md: English 62 %, Chinese 100 % over all held-out names), so
-# a retrained model that stops copying names turns this red; the target for both is 80 %.
-RECALL_FLOOR = {"en": 50.0, "zh": 90.0}
+# Floors at or below the measured rates (docs/bundled-model.md: English 92 %, Chinese 100 % over all held-out names), so
+# a retrained model that copies names less well turns this red; the target for both is 80 %.
+RECALL_FLOOR = {"en": 80.0, "zh": 90.0}
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
