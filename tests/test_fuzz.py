@@ -350,9 +350,12 @@ def test_valid_requests_with_extreme_values_are_answered(fuzz, base_url, body):
 
 
 @fuzz_settings(60)
-@given(prompt=CJK_TEXT.filter(str.strip) | st.lists(st.integers(0, 3000), min_size=1, max_size=20),
+@given(prompt=CJK_TEXT.filter(str.strip) | st.lists(st.integers(0, 2**31), min_size=1, max_size=20),
        seed=st.integers(*INT64), temperature=TEMPERATURES, stream=st.booleans())
-def test_valid_completions_with_extreme_values_are_answered(fuzz, base_url, prompt, seed, temperature, stream):
+def test_valid_completions_with_extreme_values_are_answered(fuzz, base_url, engine, prompt, seed, temperature,
+                                                            stream):
+    if isinstance(prompt, list):  # token ids inside the served model's vocabulary (out-of-range ids: 400, tested apart)
+        prompt = [token % len(engine.tokenizer) for token in prompt]
     body = {"prompt": prompt, "max_tokens": 2, "seed": seed, "temperature": temperature, "stream": stream}
     response = fuzz.post("valid_extreme", base_url + "/completions", json_bytes(body))
     assert response.status_code == 200, response.text
@@ -371,6 +374,15 @@ def test_valid_completions_with_extreme_values_are_answered(fuzz, base_url, prom
 def test_bad_completion_prompts_are_400(fuzz, base_url, prompt):
     response = fuzz.post("bad_prompt", base_url + "/completions", json_bytes({"prompt": prompt, "max_tokens": 1}))
     assert_error(response, 400, "prompt")
+
+
+def test_token_ids_are_checked_against_the_vocabulary_edge(base_url, engine):
+    vocab = len(engine.tokenizer)
+    last = httpx.post(base_url + "/completions", json={"prompt": [vocab - 1], "max_tokens": 1}, timeout=60)
+    assert last.status_code == 200, last.text
+    error = httpx.post(base_url + "/completions", json={"prompt": [vocab], "max_tokens": 1}, timeout=60)
+    assert error.status_code == 400 and error.json()["error"]["param"] == "prompt"
+    assert f"[0, {vocab})" in error.json()["error"]["message"]
 
 
 @fuzz_settings(40)
