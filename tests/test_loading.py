@@ -188,14 +188,6 @@ def test_folder_without_tokenizer_is_explained(tmp_path):
         load_model(tmp_path)
 
 
-def test_moe_checkpoint_is_refused(tmp_path, tokenizer_dir):
-    state = build(False).state_dict()
-    state["model.layers.0.mlp.experts.0.gate_proj.weight"] = torch.zeros(4, 4)
-    torch.save(state, tmp_path / "moe.pth")
-    with pytest.raises(ModelLoadError, match="mixture-of-experts"):
-        load_model(tmp_path / "moe.pth", tokenizer_path=tokenizer_dir)
-
-
 def test_device_and_dtype_choice():
     assert pick_dtype(torch.device("cpu")) == torch.float32
     assert pick_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16

@@ -92,8 +92,3 @@ def test_registered_with_auto_classes(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path)  # no trust_remote_code
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
-
-
-def test_moe_is_refused_in_one_sentence():
-    with pytest.raises(ValueError, match="Mixture-of-experts"):
-        MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=1, use_moe=True))

@@ -1,0 +1,219 @@
+"""Every upstream checkpoint kind, loaded from upstream-format random weights and compared with an independent
+re-implementation of upstream's maths (tests/upstream_reference.py): MiniMind-3-MoE, MiniMind2-MoE, YaRN rope
+scaling, LoRA adapters (per batch row), and the refusals for what is not implemented."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from upstream_reference import random_lora, random_upstream, reference_logits, upstream_config_json
+
+from minimind_course.loading import BUNDLED_MODEL_DIR, ModelLoadError, load_model
+
+VOCAB = 2786  # the bundled tokenizer's size, so these models can also be served
+IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 1999, 3, 64, 128, 5, 2700]])
+
+
+def assert_upstream(model, sd, c, ids=IDS, lora=None, lora_ids=None):
+    with torch.no_grad():
+        ours = model(ids, lora_ids=lora_ids).logits
+    torch.testing.assert_close(ours, reference_logits(sd, c, ids, lora), atol=2e-4, rtol=2e-4)
+
+
+def save_pth(tmp_path, sd, name="full_sft.pth", half=False):
+    path = tmp_path / name
+    torch.save({k: (v.half() if half else v) for k, v in sd.items()}, path)
+    return path
+
+
+def save_folder(tmp_path, sd, c, *, safetensors=True, config_changes=None):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    cfg = upstream_config_json(c) | (config_changes or {})
+    (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    if safetensors:  # MiniMind-3 era: no lm_head (tied)
+        save_file({k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}, folder / "model.safetensors")
+    else:  # MiniMind2 era: pytorch_model.bin with both tied keys
+        torch.save(sd, folder / "pytorch_model.bin")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(BUNDLED_MODEL_DIR / name, folder / name)
+    return folder
+
+
+# ---- mixture of experts ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("generation", [3, 2], ids=["minimind3-moe", "minimind2-moe"])
+def test_moe_pth_equals_upstream(tmp_path, generation):
+    sd, c = random_upstream(generation, moe=True, vocab=VOCAB)
+    model, _ = load_model(save_pth(tmp_path, sd), num_attention_heads=4, tokenizer_path=BUNDLED_MODEL_DIR)
+    cfg = model.config
+    assert (cfg.use_moe, cfg.num_experts, cfg.num_experts_per_tok) == (True, 4, 1 if generation == 3 else 2)
+    assert cfg.n_shared_experts == (1 if generation == 2 else 0)
+    assert_upstream(model, sd, c)
+
+
+def test_moe_routing_matters():
+    """The reference is sensitive to the routing: a different top-k gives different logits."""
+    sd, c = random_upstream(3, moe=True, vocab=VOCAB)
+    one, two = reference_logits(sd, c, IDS), reference_logits(sd, c | {"top_k": 2}, IDS)
+    assert (one - two).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(("generation", "top_k", "shared", "safetensors"),
+                         [(3, 2, 0, True), (2, 1, 2, False), (2, 2, 1, True)],
+                         ids=["minimind3-moe-top2", "minimind2-moe-top1-2shared", "minimind2-moe-top2"])
+def test_moe_folder_equals_upstream(tmp_path, generation, top_k, shared, safetensors):
+    sd, c = random_upstream(generation, moe=True, vocab=VOCAB, top_k=top_k, shared=shared)
+    model, _ = load_model(save_folder(tmp_path, sd, c, safetensors=safetensors))
+    assert model.config.num_experts_per_tok == top_k
+    assert model.config.n_shared_experts == (shared if generation == 2 else 0)
+    assert_upstream(model, sd, c)
+
+
+def test_moe_fp16_pth_and_cached_decoding(tmp_path):
+    sd, c = random_upstream(2, moe=True, vocab=VOCAB)
+    sd = {k: v.half().float() for k, v in sd.items()}
+    model, _ = load_model(save_pth(tmp_path, sd, half=True), num_attention_heads=4, tokenizer_path=BUNDLED_MODEL_DIR)
+    assert_upstream(model, sd, c)
+    with torch.no_grad():
+        out = model.generate(IDS, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert_upstream(model, sd, c, ids=out)  # the KV-cached decode saw the same model
+
+
+def test_moe_top_k_for_pth_is_an_argument(tmp_path):
+    sd, c = random_upstream(3, moe=True, vocab=VOCAB, top_k=2)
+    model, _ = load_model(save_pth(tmp_path, sd), num_experts_per_tok=2, tokenizer_path=BUNDLED_MODEL_DIR)
+    assert_upstream(model, sd, c)
+    with pytest.raises(ModelLoadError, match="between 1 and the 4 experts"):
+        load_model(save_pth(tmp_path, sd, "x.pth"), num_experts_per_tok=5, tokenizer_path=BUNDLED_MODEL_DIR)
+
+
+# ---- YaRN --------------------------------------------------------------------------------------------------------
+def test_yarn_folder_equals_upstream_and_differs_without(tmp_path):
+    sd, c = random_upstream(3, moe=False, vocab=VOCAB, hidden=128, heads=2, kv_heads=1, yarn=True)
+    model, _ = load_model(save_folder(tmp_path, sd, c))
+    assert model.config.yarn["factor"] == 16
+    assert_upstream(model, sd, c)
+    plain = reference_logits(sd, c | {"yarn": False}, IDS)
+    assert (plain - reference_logits(sd, c, IDS)).abs().max() > 1e-3  # YaRN changes short prompts too
+
+
+@pytest.mark.parametrize("generation", [2, 3])
+def test_yarn_pth_through_the_argument(tmp_path, generation):
+    sd, c = random_upstream(generation, moe=generation == 2, vocab=VOCAB, hidden=128, heads=2, kv_heads=1, yarn=True)
+    path = save_pth(tmp_path, sd)
+    model, _ = load_model(path, num_attention_heads=2, rope_scaling="yarn", tokenizer_path=BUNDLED_MODEL_DIR)
+    assert_upstream(model, sd, c)
+    with pytest.raises(ModelLoadError, match="rope_scaling must be one of yarn"):
+        load_model(path, rope_scaling="linear", tokenizer_path=BUNDLED_MODEL_DIR)
+
+
+def test_yarn_long_prompt_equals_upstream(tmp_path):
+    """Beyond upstream's original 2048 positions, where YaRN is meant to help."""
+    sd, c = random_upstream(3, moe=False, vocab=VOCAB, layers=1, yarn=True)
+    model, _ = load_model(save_folder(tmp_path, sd, c))
+    ids = torch.randint(3, VOCAB, (1, 2300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids).logits[:, -8:]
+    torch.testing.assert_close(ours, reference_logits(sd, c, ids)[:, -8:], atol=2e-4, rtol=2e-4)
+
+
+def test_yarn_off_when_the_context_is_not_longer_than_the_original(tmp_path):
+    sd, c = random_upstream(3, moe=False, vocab=VOCAB, yarn=True, max_position_embeddings=2048)
+    model, _ = load_model(save_folder(tmp_path, sd, c))
+    assert_upstream(model, sd, c)
+    torch.testing.assert_close(reference_logits(sd, c, IDS), reference_logits(sd, c | {"yarn": False}, IDS))
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def base_and_adapters(tmp_path):
+    sd, c = random_upstream(3, moe=False, vocab=VOCAB)
+    medical, identity = random_lora(sd, rank=16, seed=1), random_lora(sd, rank=8, seed=2)
+    torch.save(medical, tmp_path / "lora_medical_64.pth")
+    torch.save(identity, tmp_path / "lora_identity_64.pth")
+    return sd, c, {k: v.float() for k, v in medical.items()}, {k: v.float() for k, v in identity.items()}, tmp_path
+
+
+def test_lora_adapter_targets_the_square_projections(base_and_adapters):
+    _, _, medical, _, _ = base_and_adapters
+    assert {k.split(".")[-4] for k in medical} == {"q_proj", "o_proj"}
+
+
+def test_lora_rows_pick_their_adapter(base_and_adapters):
+    sd, c, medical, identity, folder = base_and_adapters
+    base = save_pth(folder, sd)
+    model, _ = load_model(base, tokenizer_path=BUNDLED_MODEL_DIR,
+                          lora={"medical": folder / "lora_medical_64.pth", "identity": folder / "lora_identity_64.pth"})
+    assert model.lora_names == ["medical", "identity"]
+    assert_upstream(model, sd, c, lora=medical, lora_ids=torch.tensor([0]))
+    assert_upstream(model, sd, c, lora=identity, lora_ids=torch.tensor([1]))
+    assert_upstream(model, sd, c, lora_ids=torch.tensor([-1]))
+    assert_upstream(model, sd, c)  # no lora_ids: the base model
+    batch = IDS.repeat(3, 1)
+    with torch.no_grad():
+        mixed = model(batch, lora_ids=torch.tensor([1, -1, 0])).logits
+    for row, lora in enumerate([identity, None, medical]):  # one forward pass, three different models
+        torch.testing.assert_close(mixed[row:row + 1], reference_logits(sd, c, IDS, lora), atol=2e-4, rtol=2e-4)
+    assert (reference_logits(sd, c, IDS, medical) - reference_logits(sd, c, IDS)).abs().max() > 1e-2
+
+
+def test_lora_single_path_is_named_after_the_file_and_generate_takes_lora_ids(base_and_adapters):
+    sd, c, medical, _, folder = base_and_adapters
+    model, _ = load_model(save_pth(folder, sd), tokenizer_path=BUNDLED_MODEL_DIR, lora=folder / "lora_medical_64.pth")
+    assert model.lora_names == ["lora_medical_64"]
+    with torch.no_grad():
+        out = model.generate(IDS, max_new_tokens=5, min_new_tokens=5, do_sample=False, lora_ids=torch.tensor([0]))
+    expected = IDS
+    for _ in range(5):  # greedy decoding with the adapter, recomputed from scratch by the reference
+        nxt = reference_logits(sd, c, expected, medical)[:, -1].argmax(-1, keepdim=True)
+        expected = torch.cat([expected, nxt], dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_lora_errors_name_the_file(base_and_adapters, tmp_path):
+    sd, _, medical, _, folder = base_and_adapters
+    base = save_pth(folder, sd)
+    with pytest.raises(ModelLoadError, match="a LoRA adapter, not a model"):
+        load_model(folder / "lora_medical_64.pth", tokenizer_path=BUNDLED_MODEL_DIR)
+    torch.save({"x": torch.zeros(2)}, tmp_path / "not_lora.pth")
+    with pytest.raises(ModelLoadError, match="not_lora.pth: not an upstream LoRA adapter"):
+        load_model(base, tokenizer_path=BUNDLED_MODEL_DIR, lora=tmp_path / "not_lora.pth")
+    bad = dict(medical)
+    bad["model.layers.0.mlp.up_proj.lora.A.weight"] = torch.zeros(4, 64)
+    torch.save(bad, tmp_path / "mlp_lora.pth")
+    with pytest.raises(ModelLoadError, match="mlp_lora.pth: adapter targets 'model.layers.0.mlp.up_proj'"):
+        load_model(base, tokenizer_path=BUNDLED_MODEL_DIR, lora=tmp_path / "mlp_lora.pth")
+    wide = random_upstream(3, moe=False, vocab=VOCAB, hidden=128, heads=2, kv_heads=1)[0]
+    with pytest.raises(ModelLoadError, match="do not fit a 64->64 layer"):
+        load_model(base, tokenizer_path=BUNDLED_MODEL_DIR, lora={"x": _saved(tmp_path, random_lora(wide, 4, 0))})
+
+
+def _saved(tmp_path, tensors):
+    path = tmp_path / "adapter.pth"
+    torch.save(tensors, path)
+    return path
+
+
+# ---- refusals -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"image_special_token": "@" * 196, "image_ids": [34] * 196}, "unknown fields image_ids, image_special_token"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"scoring_func": "sigmoid"}, "scoring_func 'sigmoid' is not supported"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4}}, "inference_rope_scaling is not"),
+    ({"inference_rope_scaling": True, "rope_scaling": {"type": "yarn", "factor": 4}}, "differs from the YaRN"),
+    ({"model_type": "minimind-v"}, "model_type 'minimind-v' is not supported"),
+])
+def test_unimplemented_config_fields_are_refused(tmp_path, changes, message):
+    sd, c = random_upstream(2, moe=True, vocab=VOCAB)
+    folder = save_folder(tmp_path, sd, c, config_changes=changes)
+    with pytest.raises(ModelLoadError, match=message) as err:
+        load_model(folder)
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_use_moe_without_experts_is_refused(tmp_path):
+    sd, c = random_upstream(3, moe=False, vocab=VOCAB)
+    with pytest.raises(ModelLoadError, match="use_moe is true but the weights hold no experts"):
+        load_model(save_folder(tmp_path, sd, c, config_changes={"use_moe": True}))
