@@ -217,3 +217,90 @@ def test_use_moe_without_experts_is_refused(tmp_path):
     sd, c = random_upstream(3, moe=False, vocab=VOCAB)
     with pytest.raises(ModelLoadError, match="use_moe is true but the weights hold no experts"):
         load_model(save_folder(tmp_path, sd, c, config_changes={"use_moe": True}))
+
+
+# ---- export for vLLM ----------------------------------------------------------------------------------------------
+def _exported_logits(folder, ids=IDS):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits, model
+
+
+@pytest.mark.parametrize(("generation", "moe", "yarn", "architecture"), [
+    (3, True, False, "Qwen3MoeForCausalLM"),
+    (3, True, True, "Qwen3MoeForCausalLM"),
+    (3, False, True, "Qwen3ForCausalLM"),
+    (2, False, True, "LlamaForCausalLM"),
+], ids=["minimind3-moe", "minimind3-moe-yarn", "minimind3-yarn", "minimind2-yarn"])
+def test_export_computes_upstreams_logits_in_transformers(tmp_path, generation, moe, yarn, architecture):
+    """The exported folder, run by transformers' own Qwen3-MoE/Qwen3/Llama code, gives upstream's logits."""
+    from minimind_course.export import export_for_vllm
+
+    sd, c = random_upstream(generation, moe=moe, vocab=VOCAB, yarn=yarn, top_k=2 if moe else None)
+    out = export_for_vllm(save_folder(tmp_path, sd, c), tmp_path / "export")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["architectures"] == [architecture]
+    assert config["rope_parameters"]["rope_type"] == ("yarn" if yarn else "default")
+    logits, native = _exported_logits(out)
+    torch.testing.assert_close(logits, reference_logits(sd, c, IDS), atol=2e-4, rtol=2e-4)
+    if yarn:  # and on a prompt longer than upstream's original 2048 positions
+        ids = torch.randint(3, VOCAB, (1, 2100), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            long = native(ids).logits[:, -4:]
+        torch.testing.assert_close(long, reference_logits(sd, c, ids)[:, -4:], atol=3e-4, rtol=3e-4)
+
+
+def test_minimind2_moe_exports_as_deepseek_moe_v1(tmp_path):
+    from safetensors import safe_open
+
+    from minimind_course.export import export_for_vllm
+
+    sd, c = random_upstream(2, moe=True, vocab=VOCAB, shared=2)
+    out = export_for_vllm(save_pth(tmp_path, sd), tmp_path / "export")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["architectures"] == ["DeepseekForCausalLM"]
+    assert (config["n_routed_experts"], config["n_shared_experts"], config["num_experts_per_tok"]) == (4, 2, 2)
+    assert (config["model_type"], config["routed_scaling_factor"], config["first_k_dense_replace"]) == \
+        ("deepseek", 1.0, 0)
+    assert config["tie_word_embeddings"] is False and (out / "configuration_deepseek.py").is_file()
+    with safe_open(out / "model.safetensors", "pt") as f:
+        shared_up = f.get_tensor("model.layers.0.mlp.shared_experts.up_proj.weight")
+        assert "model.layers.0.mlp.experts.3.down_proj.weight" in f.keys()
+    torch.testing.assert_close(shared_up, torch.cat([sd["model.layers.0.mlp.shared_experts.0.up_proj.weight"],
+                                                     sd["model.layers.0.mlp.shared_experts.1.up_proj.weight"]]))
+
+
+def test_lora_exports_as_peft_folders_and_merged(tmp_path, base_and_adapters):
+    from safetensors import safe_open
+
+    from minimind_course.export import main
+
+    sd, c, medical, _, folder = base_and_adapters
+    base = save_pth(folder, sd)
+    args = ["--model", str(base), "--out", str(tmp_path / "export")]
+    assert main(args + ["--lora", f"medical={folder / 'lora_medical_64.pth'}",
+                        "--lora", f"identity={folder / 'lora_identity_64.pth'}"]) == 0
+    peft = tmp_path / "export" / "lora" / "medical"
+    config = json.loads((peft / "adapter_config.json").read_text(encoding="utf-8"))
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (16, 16, ["o_proj", "q_proj"])
+    with safe_open(peft / "adapter_model.safetensors", "pt") as f:
+        a = f.get_tensor("base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight")
+    torch.testing.assert_close(a, medical["model.layers.1.self_attn.o_proj.lora.A.weight"])
+    assert json.loads((tmp_path / "export/lora/identity/adapter_config.json").read_text())["r"] == 8
+    assert main(["--model", str(base), "--out", str(tmp_path / "merged"),
+                 "--merge-lora", str(folder / "lora_medical_64.pth")]) == 0
+    logits, _ = _exported_logits(tmp_path / "merged")
+    torch.testing.assert_close(logits, reference_logits(sd, c, IDS, medical), atol=2e-4, rtol=2e-4)
+
+
+def test_export_refuses_yarn_that_vllm_would_compute_differently(tmp_path, capsys):
+    """A small rope_theta moves upstream's ramp end past head_dim/2 - 1, where upstream clamps and vLLM does not."""
+    from minimind_course.export import main
+
+    sd, c = random_upstream(3, moe=False, vocab=VOCAB, hidden=32, heads=2, kv_heads=1, yarn=True)
+    folder = save_folder(tmp_path, sd, c, config_changes={"rope_theta": 50.0})
+    assert main(["--model", str(folder), "--out", str(tmp_path / "no")]) == 1
+    err = capsys.readouterr().err
+    assert "upstream's ramp clamp" in err and err.count("\n") == 1
