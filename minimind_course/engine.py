@@ -55,6 +55,10 @@ class ContextLengthError(ValueError):
         )
 
 
+class UnknownAdapterError(KeyError):
+    """A request named a LoRA adapter the engine has not loaded (HTTP 404, like an unknown model)."""
+
+
 class PromptError(ValueError):
     """The messages could not be turned into a prompt (bad role order, bad template argument...)."""
 
@@ -155,6 +159,7 @@ class GenerationHandle:
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancelled_at: float | None = None
+    lora_id: int = -1  # the LoRA adapter this request runs with (index into Engine.lora_names), -1 = the base model
 
     def cancel(self) -> None:
         if self.cancelled_at is None:
@@ -231,12 +236,20 @@ class Engine:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, *, device: str | None = None, dtype: str | None = None, **kwargs: Any
+        cls,
+        path: str | Path | None = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        rope_scaling: str | None = None,
+        lora: dict[str, str | Path] | None = None,
+        **kwargs: Any,
     ) -> Engine:
-        """Load a model with ``minimind_course.loading.load_model`` (None = the bundled model) and wrap it."""
+        """Load a model with ``minimind_course.loading.load_model`` (None = the bundled model) and wrap it;
+        ``lora`` {name: adapter .pth} makes each adapter selectable per request."""
         from minimind_course.loading import load_model
 
-        model, tokenizer = load_model(path, device=device, dtype=dtype)
+        model, tokenizer = load_model(path, device=device, dtype=dtype, rope_scaling=rope_scaling, lora=lora or None)
         return cls(model, tokenizer, **kwargs)
 
     # ---- prompts -------------------------------------------------------------------------------------
@@ -267,11 +280,22 @@ class Engine:
         return max_tokens if max_tokens is not None else self.max_model_len - prompt_tokens
 
     # ---- requests ------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> GenerationHandle:
-        """Queue a request (call from the event loop); raises EngineBusyError when the queue is full."""
+    @property
+    def lora_names(self) -> list[str]:
+        """Names of the LoRA adapters loaded next to the base model, in adapter-id order."""
+        return list(getattr(self.model, "lora_names", []))
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, lora: str | None = None
+    ) -> GenerationHandle:
+        """Queue a request (call from the event loop), run with the LoRA adapter named ``lora`` (None: the base).
+        Raises EngineBusyError when the queue is full, UnknownAdapterError for an adapter that is not loaded."""
         if not prompt_ids:
             raise PromptError("the prompt is empty")
+        if lora is not None and lora not in self.lora_names:
+            raise UnknownAdapterError(lora)
         handle = GenerationHandle(list(prompt_ids), params, asyncio.get_running_loop())
+        handle.lora_id = self.lora_names.index(lora) if lora is not None else -1
         if request_id is not None:
             handle.request_id = request_id
         try:
@@ -338,7 +362,8 @@ class Engine:
         finish: list[str | None] = [None] * params.n
         generated = [0] * params.n
 
-        out = self.model(input_ids=sequences, use_cache=True, logits_to_keep=1)
+        adapter = {"lora_ids": torch.full((params.n,), handle.lora_id, device=device)} if handle.lora_id >= 0 else {}
+        out = self.model(input_ids=sequences, use_cache=True, logits_to_keep=1, **adapter)
         while not handle.cancelled.is_set():
             logits = out.logits[:, -1, :]
             tokens = next_tokens(params, pipeline, sequences, logits, generator)
@@ -356,7 +381,7 @@ class Engine:
             handle.send(StepOutput(deltas, prompt_len, sum(generated), done))
             if done:
                 return "finished", sum(generated)
-            out = self.model(input_ids=tokens[:, None], past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(input_ids=tokens[:, None], past_key_values=out.past_key_values, use_cache=True, **adapter)
         return "cancelled", sum(generated)
 
     def _advance(

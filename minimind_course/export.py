@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from minimind_course.loading import BUNDLED_MODEL_DIR, ROPE_SCALING_CHOICES, ModelLoadError, load_model, read_lora
-from minimind_course.model import LoRALinear, MiniMindForCausalLM, yarn_correction_range
+from minimind_course.model import MiniMindForCausalLM, yarn_correction_range
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 # Bump when the exported files change, so cached exports (see cached_export) are rebuilt.
@@ -269,17 +269,11 @@ def merged_with_lora(model: PreTrainedModel, adapter: str | Path) -> MiniMindFor
     """The model with an upstream adapter folded into its weights (W + B A, scale 1), as upstream's merge_lora."""
     if not isinstance(model, MiniMindForCausalLM):
         raise ExportError(f"LoRA adapters need a MiniMind base model, not {type(model).__name__}")
-    tensors = read_lora(adapter)
     try:
-        index = model.add_lora("merged", tensors)
+        model.add_lora("merged", read_lora(adapter))
     except ValueError as err:
         raise ExportError(f"{adapter}: {err}") from err
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoRALinear):
-                layer.weight += layer.lora_B[index] @ layer.lora_A[index]
-                layer.lora_A, layer.lora_B = layer.lora_A[:0], layer.lora_B[:0]
-    model.lora_names.clear()
+    model.merge_lora("merged")
     return model
 
 

@@ -162,30 +162,45 @@ def zero_pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 class LoRALinear(nn.Linear):
     """A bias-free linear layer plus stacked LoRA adapters: row b of a batch gets W x + B_a (A_a x), a = lora_ids[b].
 
-    Adapter a is ``lora_A[a]`` [rank, in] and ``lora_B[a]`` [out, rank] (upstream: scale 1; smaller ranks are
-    zero-padded). ``lora_ids`` -1 means the base weights alone. One batched matmul pair serves every row, so
-    requests for different adapters share a forward pass without ever mixing their weights."""
+    Adapter a (upstream: A [rank, in], B [out, rank], scale 1; smaller ranks zero-padded) owns rows
+    a*rank..(a+1)*rank-1 of ``lora_A`` [adapters*rank, in] and the same columns of ``lora_B`` [out, adapters*rank].
+    One matmul computes every adapter's few low-rank activations, a mask keeps each row's own (none for -1, the
+    base model), a second matmul maps them back: rows for different adapters share a forward pass without ever
+    mixing weights, with no per-row weight copies and no loop over adapters (see docs/api.md for the measurement).
+    """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.register_buffer("lora_A", torch.zeros(0, 0, in_features), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(0, out_features, 0), persistent=False)
+        self.lora_rank = 0
+        self.register_buffer("lora_A", torch.zeros(0, in_features), persistent=False)
+        self.register_buffer("lora_B", torch.zeros(out_features, 0), persistent=False)
+
+    @property
+    def num_adapters(self) -> int:
+        return self.lora_A.shape[0] // self.lora_rank if self.lora_rank else 0
+
+    def adapter(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``index``'s (A [rank, in], B [out, rank]), zero-padded to the common rank."""
+        rows = slice(index * self.lora_rank, (index + 1) * self.lora_rank)
+        return self.lora_A[rows], self.lora_B[:, rows]
 
     def add_adapter(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Append one adapter (A [rank, in], B [out, rank]); its index is the number of adapters before it."""
-        rank = max(self.lora_A.shape[1], a.shape[0])
-        a, b = a.to(self.weight)[None], b.to(self.weight)[None]
-        self.lora_A = torch.cat([zero_pad(self.lora_A, rank, dim=1), zero_pad(a, rank, dim=1)])
-        self.lora_B = torch.cat([zero_pad(self.lora_B, rank, dim=2), zero_pad(b, rank, dim=2)])
+        n, rank = self.num_adapters, max(self.lora_rank, a.shape[0])
+        stack_a = zero_pad(self.lora_A.view(n, self.lora_rank, self.in_features), rank, dim=1)
+        stack_b = zero_pad(self.lora_B.view(self.out_features, n, self.lora_rank), rank, dim=2)
+        a, b = zero_pad(a.to(self.weight), rank, dim=0), zero_pad(b.to(self.weight), rank, dim=1)
+        self.lora_A = torch.cat([stack_a, a[None]]).flatten(0, 1)
+        self.lora_B = torch.cat([stack_b, b[:, None]], dim=1).flatten(1, 2)
+        self.lora_rank = rank
 
     def forward(self, x: torch.Tensor, lora_ids: torch.Tensor | None = None) -> torch.Tensor:
         out = super().forward(x)
-        if lora_ids is None or not bool((lora_ids >= 0).any()):
+        if lora_ids is None or not self.lora_rank:
             return out
-        a = self.lora_A[lora_ids.clamp(min=0)]  # [batch, rank, in]
-        b = self.lora_B[lora_ids.clamp(min=0)]  # [batch, out, rank]
-        delta = (x @ a.transpose(1, 2)) @ b.transpose(1, 2)
-        return out + delta * (lora_ids >= 0).to(delta.dtype)[:, None, None]
+        owner = torch.arange(self.lora_A.shape[0], device=x.device) // self.lora_rank  # adapter of each A row
+        keep = (lora_ids[:, None] == owner[None]).to(x.dtype)  # [batch, adapters*rank]
+        return out + ((x @ self.lora_A.T) * keep[:, None]) @ self.lora_B.T
 
 
 class Attention(nn.Module):
@@ -377,15 +392,16 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         self.lora_names.append(name)
         return len(self.lora_names) - 1
 
-    def lora_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """One adapter's non-zero updates as ``{module}.lora.A.weight`` / ``.lora.B.weight`` (upstream's names)."""
+    def merge_lora(self, name: str) -> None:
+        """Fold adapter ``name`` into the weights (W + B A, as upstream's merge_lora) and drop every adapter."""
         index = self.lora_names.index(name)
-        tensors = {}
-        for module, layer in self.named_modules():
-            if isinstance(layer, LoRALinear) and layer.lora_B.shape[0] and layer.lora_B[index].any():
-                tensors[f"{module}.lora.A.weight"] = layer.lora_A[index]
-                tensors[f"{module}.lora.B.weight"] = layer.lora_B[index]
-        return tensors
+        with torch.no_grad():
+            for layer in self.modules():
+                if isinstance(layer, LoRALinear):
+                    a, b = layer.adapter(index)
+                    layer.weight += b @ a
+                    layer.lora_A, layer.lora_B, layer.lora_rank = layer.lora_A[:0], layer.lora_B[:, :0], 0
+        self.lora_names.clear()
 
     def forward(
         self,

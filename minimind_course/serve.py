@@ -44,13 +44,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.add_argument("--backend", default="minimind", choices=("minimind", "vllm"),
                         help="minimind: this package's server; vllm: real vLLM on an exported copy of the model")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                        help="serve an upstream LoRA adapter .pth as model NAME next to the base (repeatable); "
+                        "requests pick it with \"model\": \"NAME\"")
+    parser.add_argument("--rope-scaling", choices=("yarn",), default=None,
+                        help="upstream's YaRN rope scaling for a .pth (a folder's config.json says it itself); "
+                        "then --max-model-len may exceed the original 2048 positions")
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.cors_origins = [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()]
+    args.lora = parse_lora(parser, args.lora, args.served_model_name)
     return args
+
+
+def parse_lora(parser: argparse.ArgumentParser, specs: list[str], base_name: str) -> dict[str, str]:
+    """``--lora NAME=PATH`` flags as {name: path}; a malformed, repeated or base-clashing name is a usage error."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = (part.strip() for part in spec.partition("="))
+        if not sep or not name or not path:
+            parser.error(f"--lora expects NAME=PATH, not {spec!r}")
+        if name in adapters or name == base_name:
+            parser.error(f"--lora name {name!r} is used twice (adapter names and --served-model-name must differ)")
+        adapters[name] = path
+    return adapters
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -79,17 +100,20 @@ def serve_minimind(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                                        max_model_len=args.max_model_len, max_queue=args.max_queue)
+                                        max_model_len=args.max_model_len, max_queue=args.max_queue,
+                                        rope_scaling=args.rope_scaling, lora=args.lora)
     except Exception as err:  # any load failure is reported as one line: path, format, device, dtype...
         sock.close()
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if args.model and args.model not in message:  # e.g. safetensors' "header too large" names no file
+        named = [args.model, *args.lora.values()]
+        if args.model and not any(path and path in message for path in named):  # e.g. "header too large"
             message = f"{args.model}: {message}"
         raise SystemExit(f"error: cannot load the model: {message}") from None
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      cors_origins=args.cors_origins, max_body_bytes=args.max_body_bytes)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"MiniMind OpenAI-compatible server: http://{shown_host}:{args.port}/v1  model={args.served_model_name!r}  "
+    adapters = "".join(f"  lora={name!r}" for name in engine.lora_names)
+    print(f"MiniMind OpenAI-compatible server: http://{shown_host}:{args.port}/v1  model={args.served_model_name!r}{adapters}  "
           f"max_model_len={engine.max_model_len}  api_key={'on' if args.api_key else 'off'}", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print("warning: listening on the network without --api-key: anyone who can reach this port can use it",

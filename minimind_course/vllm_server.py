@@ -42,6 +42,7 @@ CPU_ENV_DEFAULTS = {
 
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 
 class VLLMNotInstalledError(RuntimeError):
@@ -151,7 +152,22 @@ class VLLMServer:
         if self.cors_origins:  # browser front ends (NextChat, Chatbox) preflight with Authorization
             cmd += ["--allowed-origins", json.dumps(list(self.cors_origins))]
             cmd += ["--allowed-headers", '["*"]', "--allowed-methods", '["*"]']
+        if (self.model_dir / "configuration_deepseek.py").is_file():  # DeepSeek-MoE v1's config class (see export)
+            cmd += ["--trust-remote-code"]
+        if adapters := self.lora_modules:
+            ranks = [json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["r"]
+                     for path in adapters.values()]
+            cmd += ["--enable-lora", "--max-loras", str(len(adapters)),
+                    "--max-lora-rank", str(next(r for r in VLLM_LORA_RANKS if r >= max(ranks))),
+                    "--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
         return cmd + list(self.extra_args)
+
+    @property
+    def lora_modules(self) -> dict[str, Path]:
+        """The PEFT adapter folders the export wrote (``lora/<name>``), served under their names."""
+        folder = self.model_dir / "lora"
+        found = sorted(folder.glob("*/adapter_config.json")) if folder.is_dir() else []
+        return {config.parent.name: config.parent for config in found}
 
     @property
     def env(self) -> dict[str, str]:
@@ -284,7 +300,8 @@ def serve_vllm(args) -> int:
         return 1
     dtype = "float32" if args.dtype in (None, "auto") else args.dtype
     try:
-        model_dir = cached_export(args.model, getattr(args, "export_dir", None), dtype=dtype)
+        model_dir = cached_export(args.model, getattr(args, "export_dir", None), dtype=dtype,
+                                  rope_scaling=getattr(args, "rope_scaling", None), lora=getattr(args, "lora", None))
     except (ModelLoadError, ExportError, OSError) as err:
         print(f"error: cannot export the model for vLLM: {err}", file=sys.stderr)
         return 1
