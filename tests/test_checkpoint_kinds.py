@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from upstream_reference import random_lora, random_upstream, reference_logits, upstream_config_json
 
-from minimind_course.loading import BUNDLED_MODEL_DIR, ModelLoadError, load_model
+from minimind_course.model.loading import BUNDLED_MODEL_DIR, ModelLoadError, load_model
 
 VOCAB = 2786  # the bundled tokenizer's size, so these models can also be served
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 1999, 3, 64, 128, 5, 2700]])
@@ -236,7 +236,7 @@ def _exported_logits(folder, ids=IDS):
 ], ids=["minimind3-moe", "minimind3-moe-yarn", "minimind3-yarn", "minimind2-yarn"])
 def test_export_computes_upstreams_logits_in_transformers(tmp_path, generation, moe, yarn, architecture):
     """The exported folder, run by transformers' own Qwen3-MoE/Qwen3/Llama code, gives upstream's logits."""
-    from minimind_course.export import export_for_vllm
+    from minimind_course.model.export import export_for_vllm
 
     sd, c = random_upstream(generation, moe=moe, vocab=VOCAB, yarn=yarn, top_k=2 if moe else None)
     out = export_for_vllm(save_folder(tmp_path, sd, c), tmp_path / "export")
@@ -255,7 +255,7 @@ def test_export_computes_upstreams_logits_in_transformers(tmp_path, generation, 
 def test_minimind2_moe_exports_as_deepseek_moe_v1(tmp_path):
     from safetensors import safe_open
 
-    from minimind_course.export import export_for_vllm
+    from minimind_course.model.export import export_for_vllm
 
     sd, c = random_upstream(2, moe=True, vocab=VOCAB, shared=2)
     out = export_for_vllm(save_pth(tmp_path, sd), tmp_path / "export")
@@ -275,7 +275,7 @@ def test_minimind2_moe_exports_as_deepseek_moe_v1(tmp_path):
 def test_lora_exports_as_peft_folders_and_merged(tmp_path, base_and_adapters):
     from safetensors import safe_open
 
-    from minimind_course.export import main
+    from minimind_course.model.export import main
 
     sd, c, medical, _, folder = base_and_adapters
     base = save_pth(folder, sd)
@@ -297,7 +297,7 @@ def test_lora_exports_as_peft_folders_and_merged(tmp_path, base_and_adapters):
 
 def test_export_refuses_yarn_that_vllm_would_compute_differently(tmp_path, capsys):
     """A small rope_theta moves upstream's ramp end past head_dim/2 - 1, where upstream clamps and vLLM does not."""
-    from minimind_course.export import main
+    from minimind_course.model.export import main
 
     sd, c = random_upstream(3, moe=False, vocab=VOCAB, hidden=32, heads=2, kv_heads=1, yarn=True)
     folder = save_folder(tmp_path, sd, c, config_changes={"rope_theta": 50.0})

@@ -19,9 +19,9 @@ import transformers
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from minimind_course.model import UPSTREAM_YARN, MiniMindConfig, MiniMindForCausalLM
+from minimind_course.model.minimind import UPSTREAM_YARN, MiniMindConfig, MiniMindForCausalLM
+from minimind_course.paths import BUNDLED_MODEL_DIR
 
-BUNDLED_MODEL_DIR = Path(__file__).parent / "assets" / "minimind-tiny"
 UPSTREAM_NUM_HEADS = 8
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 _EXPERT_KEY = re.compile(r"model\.layers\.0\.mlp\.(experts|shared_experts)\.(\d+)\.")

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from minimind_course.detokenize import IncrementalDetokenizer
-from minimind_course.sampling import SamplingParams, build_logits_pipeline, make_generator, next_tokens
-from minimind_course.stop_strings import StopStringMatcher
+from minimind_course.engine.detokenize import IncrementalDetokenizer
+from minimind_course.engine.sampling import SamplingParams, build_logits_pipeline, make_generator, next_tokens
+from minimind_course.engine.stop_strings import StopStringMatcher
 
 DEFAULT_MAX_QUEUE = 64
 TRACE_HISTORY = 1024  # how many finished requests ``Engine.traces()`` remembers
@@ -245,9 +245,9 @@ class Engine:
         lora: dict[str, str | Path] | None = None,
         **kwargs: Any,
     ) -> Engine:
-        """Load a model with ``minimind_course.loading.load_model`` (None = the bundled model) and wrap it;
+        """Load a model with ``minimind_course.model.loading.load_model`` (None = the bundled model) and wrap it;
         ``lora`` {name: adapter .pth} makes each adapter selectable per request."""
-        from minimind_course.loading import load_model
+        from minimind_course.model.loading import load_model
 
         model, tokenizer = load_model(path, device=device, dtype=dtype, rope_scaling=rope_scaling, lora=lora or None)
         return cls(model, tokenizer, **kwargs)
