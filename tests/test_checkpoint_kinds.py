@@ -304,3 +304,95 @@ def test_export_refuses_yarn_that_vllm_would_compute_differently(tmp_path, capsy
     assert main(["--model", str(folder), "--out", str(tmp_path / "no")]) == 1
     err = capsys.readouterr().err
     assert "upstream's ramp clamp" in err and err.count("\n") == 1
+
+
+# ---- served over HTTP ---------------------------------------------------------------------------------------------
+PROMPTS = [[1, 17, 42, 99], [1, 250, 1999, 3, 64], [1, 128, 5], [1, 2700, 7, 7, 300, 11]]
+NEW_TOKENS = 6
+
+
+def reference_greedy(sd, c, prompt, lora=None) -> list[int]:
+    ids = torch.tensor([prompt])
+    for _ in range(NEW_TOKENS):
+        ids = torch.cat([ids, reference_logits(sd, c, ids, lora)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def served(model_path, **engine_kwargs):
+    from minimind_course.engine.engine import Engine
+    from minimind_course.launch import BackgroundServer
+    from minimind_course.serving.app import create_app
+
+    engine = Engine.from_pretrained(model_path, device="cpu", **engine_kwargs)
+    return engine, BackgroundServer(create_app(engine, served_model_name="base"))
+
+
+async def completions(base_url, requests):
+    """Send (model, prompt ids) requests all at once; the greedy answer texts, in order."""
+    import asyncio
+
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base_url + "/v1", timeout=120) as client:
+        async def one(model, prompt):
+            response = await client.post("/completions", json={
+                "model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True})
+            body = response.json()
+            assert response.status_code == 200, body
+            assert body["model"] == model
+            return body["choices"][0]["text"]
+        return await asyncio.gather(*(one(model, prompt) for model, prompt in requests))
+
+
+def text(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("generation", [3, 2], ids=["minimind3-moe", "minimind2-moe"])
+async def test_moe_served_concurrently_gives_upstreams_greedy_answers(tmp_path, generation):
+    sd, c = random_upstream(generation, moe=True, vocab=VOCAB)
+    engine, server = served(save_folder(tmp_path, sd, c))
+    with server:
+        together = await completions(server.base_url, [("base", p) for p in PROMPTS])
+        alone = [(await completions(server.base_url, [("base", p)]))[0] for p in PROMPTS]
+    engine.close()
+    assert together == alone
+    for prompt, answer in zip(PROMPTS, together):
+        assert answer == text(engine.tokenizer, reference_greedy(sd, c, prompt))
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_two_adapters_and_the_base_served_concurrently(base_and_adapters):
+    import httpx
+
+    sd, c, medical, identity, folder = base_and_adapters
+    adapters = {"medical": folder / "lora_medical_64.pth", "identity": folder / "lora_identity_64.pth"}
+    engine, server = served(save_pth(folder, sd), lora=adapters)
+    with server:
+        models = httpx.get(server.base_url + "/v1/models").json()["data"]
+        assert [(m["id"], m["parent"]) for m in models] == [("base", None), ("medical", "base"), ("identity", "base")]
+        missing = httpx.post(server.base_url + "/v1/completions", json={"model": "legal", "prompt": "hi"})
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+        requests = [(model, prompt) for prompt in PROMPTS[:2] for model in ("medical", "base", "identity")]
+        together = await completions(server.base_url, requests)
+        alone = [(await completions(server.base_url, [request]))[0] for request in requests]
+    engine.close()
+    assert together == alone
+    loras = {"medical": medical, "base": None, "identity": identity}
+    for (model, prompt), answer in zip(requests, together):
+        assert answer == text(engine.tokenizer, reference_greedy(sd, c, prompt, loras[model])), model
+    assert len(set(together[:3])) > 1  # the adapters really change the answers
+
+
+def test_serve_flags_for_adapters_and_yarn(capsys):
+    from minimind_course.serve import parse_args
+
+    args = parse_args(["--model", "base.pth", "--lora", "medical=a.pth", "--lora", "identity = b.pth",
+                       "--rope-scaling", "yarn"])
+    assert args.lora == {"medical": "a.pth", "identity": "b.pth"} and args.rope_scaling == "yarn"
+    for bad, message in ((["--lora", "medical"], "NAME=PATH"), (["--lora", "a=x", "--lora", "a=y"], "used twice"),
+                         (["--lora", "minimind=x"], "used twice"), (["--rope-scaling", "linear"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert message in capsys.readouterr().err

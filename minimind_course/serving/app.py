@@ -56,6 +56,9 @@ def create_app(
 ) -> FastAPI:
     """Build the server around an engine. ``api_key`` None leaves /v1 open; ``/health`` is always open."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+    adapters = engine.lora_names  # LoRA adapters are models of their own, with the base as parent (as vLLM)
+    if clash := set(names) & set(adapters):
+        raise ValueError(f"LoRA adapter names clash with the served model name: {', '.join(sorted(clash))}")
     app = FastAPI(title="MiniMind OpenAI-compatible server", docs_url="/docs", redoc_url=None)
     app.state.engine = engine
     app.state.served_model_names = names
@@ -64,9 +67,10 @@ def create_app(
     add_error_handlers(app)
 
     def check_model(requested: str | None) -> str:
-        if requested is not None and requested not in names:
+        """The model name a response reports: the requested adapter, else the first base name (as vLLM)."""
+        if requested is not None and requested not in names and requested not in adapters:
             raise OpenAIError(404, f"The model `{requested}` does not exist.", "model")
-        return names[0]
+        return requested if requested in adapters else names[0]
 
     @app.get("/health")
     async def health() -> dict[str, object]:
@@ -74,19 +78,21 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, object]:
-        return {"object": "list", "data": [_model_card(app, name) for name in names]}
+        cards = [_model_card(app, name) for name in names]
+        cards += [_model_card(app, name, parent=names[0]) for name in adapters]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> dict[str, object]:
         check_model(model_id)
-        return _model_card(app, model_id)
+        return _model_card(app, model_id, parent=names[0] if model_id in adapters else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         meta = ResponseMeta.new("chatcmpl", check_model(body.model))
         prompt = _run_user_step(engine.chat_prompt, body.template_messages(), body.chat_template_kwargs)
         thinking = prompt.rstrip().endswith(THINK_START)  # the template pre-filled an open <think>
-        handle = _submit(engine, engine.encode(prompt), body, meta.id)
+        handle = _submit(engine, engine.encode(prompt), body, meta.id, _adapter(meta.model, adapters))
         tokens = token_text if body.logprobs else None
         if body.stream:
             return _streaming(handle, ChatRenderer(meta, body.include_usage, handle.params.n, thinking, tokens))
@@ -96,7 +102,8 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         meta = ResponseMeta.new("cmpl", check_model(body.model))
-        handle = _submit(engine, _prompt_ids(engine, body.single_prompt()), body, meta.id)
+        prompt_ids = _prompt_ids(engine, body.single_prompt())
+        handle = _submit(engine, prompt_ids, body, meta.id, _adapter(meta.model, adapters))
         if body.stream:
             return _streaming(handle, CompletionRenderer(meta, body.include_usage))
         result = await _result_unless_disconnected(handle, request)
@@ -124,13 +131,24 @@ def _prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
     return prompt
 
 
-def _submit(engine: Engine, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest, request_id: str):
+def _adapter(model: str, adapters: list[str]) -> str | None:
+    """The LoRA adapter a request's model name selects (None: the base model)."""
+    return model if model in adapters else None
+
+
+def _submit(
+    engine: Engine,
+    prompt_ids: list[int],
+    body: ChatCompletionRequest | CompletionRequest,
+    request_id: str,
+    lora: str | None = None,
+):
     """Check the context budget, build sampling parameters, queue the request under the response's id."""
     if not prompt_ids:
         raise OpenAIError(400, "The prompt is empty.", "prompt")
     try:
         budget = engine.completion_budget(len(prompt_ids), body.requested_max_tokens())
-        return engine.submit(prompt_ids, body.sampling_params(budget, engine.sampling_defaults), request_id)
+        return engine.submit(prompt_ids, body.sampling_params(budget, engine.sampling_defaults), request_id, lora=lora)
     except ContextLengthError as err:
         raise OpenAIError(400, str(err), "messages" if isinstance(body, ChatCompletionRequest) else "prompt") from err
     except EngineBusyError as err:
@@ -175,7 +193,8 @@ def _json(model) -> Response:
     return Response(model.model_dump_json(exclude_unset=True), media_type="application/json")
 
 
-def _model_card(app: FastAPI, name: str) -> dict[str, object]:
+def _model_card(app: FastAPI, name: str, parent: str | None = None) -> dict[str, object]:
+    """A /v1/models entry; a LoRA adapter names its base model in ``parent`` (None for a base model), as vLLM."""
     card = Model(id=name, object="model", created=app.state.started, owned_by="minimind-course",
-                 max_model_len=app.state.engine.max_model_len)
+                 max_model_len=app.state.engine.max_model_len, parent=parent)
     return card.model_dump()
