@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from minimind_course.batching.kv_cache import KVCache, kv_bytes_per_token
-from minimind_course.batching.scheduler import Scheduler
-from minimind_course.engine import Engine, RequestTooLargeError, StepStats
-from minimind_course.sampling import SamplingParams
+from minimind_course.engine.kv_cache import KVCache, kv_bytes_per_token
+from minimind_course.engine.scheduler import Scheduler
+from minimind_course.engine.engine import Engine, RequestTooLargeError, StepStats
+from minimind_course.engine.sampling import SamplingParams
 from scripted_model import ScriptedLM, byte_tokens
 
 QUESTIONS = ["你好", "What is MiniMind?", "讲一个关于大海的故事", "1+1=?", "Tell me about the sea.",
@@ -175,7 +175,7 @@ def test_requests_that_can_never_fit_are_refused_at_once(tokenizer_engine):
 def test_the_scheduler_chunks_long_prompts_and_keeps_decoding_the_others():
     from types import SimpleNamespace
 
-    from minimind_course.batching.sequence import Request, Sequence
+    from minimind_course.engine.sequence import Request, Sequence
 
     config = SimpleNamespace(num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=1)
     cache = KVCache(config, 64 * 16 * 8, dtype=torch.float32)
@@ -312,3 +312,49 @@ class OneToken:
 
     def done(self) -> bool:
         return False
+
+
+# ---- /metrics ------------------------------------------------------------------------------------------------
+def scrape(base: str) -> dict[tuple[str, tuple], float]:
+    """``/metrics`` as {(sample name, sorted labels without model_name/engine): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(base + "/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            assert sample.labels.get("model_name") == "minimind-test" and sample.labels.get("engine") == "0"
+            extra = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in ("model_name", "engine")))
+            samples[(sample.name, extra)] = sample.value
+    return samples
+
+
+def test_metrics_use_vllm_names_and_count_what_the_engine_did(make_server):
+    import httpx
+
+    server = make_server(max_queue=8, served_model_name="minimind-test")
+    url = server.base_url + "/v1/completions"
+    assert scrape(server.base_url)[("vllm:generation_tokens_total", ())] == 0
+    usages = []
+    with httpx.Client(timeout=120) as http:
+        for i in range(3):
+            body = {"model": "minimind-test", "prompt": "你好" * (i + 1), "max_tokens": 5 + i, "ignore_eos": True}
+            usages.append(http.post(url, json=body).json()["usage"])
+        with http.stream("POST", url, json={"model": "minimind-test", "prompt": "天空", "max_tokens": 900,
+                                            "ignore_eos": True, "stream": True}) as streaming:
+            lines = streaming.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass  # the first data line carries generated text: the request is in the batch now
+            during = scrape(server.base_url)
+    done = scrape(server.base_url)
+    assert during[("vllm:num_requests_running", ())] == 1 and during[("vllm:kv_cache_usage_perc", ())] > 0
+    assert done[("vllm:prompt_tokens_total", ())] >= sum(u["prompt_tokens"] for u in usages)
+    assert done[("vllm:generation_tokens_total", ())] >= sum(u["completion_tokens"] for u in usages) == 5 + 6 + 7
+    assert done[("vllm:request_success_total", (("finished_reason", "length"),))] == 3
+    assert done[("vllm:time_to_first_token_seconds_count", ())] == 4  # the streamed one got its first token too
+    assert done[("vllm:e2e_request_latency_seconds_count", ())] == 3  # the one that was cut off is no success
+    assert done[("vllm:request_generation_tokens_sum", ())] == 18
+    assert done[("vllm:inter_token_latency_seconds_count", ())] >= 4 + 5 + 6
+    assert done[("vllm:num_requests_waiting", ())] == 0

@@ -1,0 +1,133 @@
+"""``python -m minimind_course.bench``: benchmark any OpenAI-compatible endpoint (our server, vLLM, others).
+
+    python -m minimind_course.bench sweep --base-url http://localhost:8998/v1 --concurrency 1,4,16 --out ours.json
+
+``sweep`` (the default when no subcommand is named) drives the endpoint at each concurrency level with streamed,
+greedy, fixed-length requests and reports TTFT, inter-token latency and tokens/s; the measuring lives in
+``minimind_course.bench.loadgen``. ``overhead`` compares our server over HTTP+SSE with the same engine in-process
+(``minimind_course.bench.overhead``). Mistakes end with one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import httpx
+
+from minimind_course.bench.loadgen import DEFAULT_CONCURRENCY, SweepConfig, format_table, sweep, sweep_report
+from minimind_course.bench.overhead import OverheadConfig, format_overhead, measure_overhead
+
+SUBCOMMANDS = ("sweep", "overhead")
+
+
+def concurrency_list(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (argparse type)."""
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not levels or any(level < 1 for level in levels):
+        raise argparse.ArgumentTypeError(f"concurrency levels must be positive integers, got {text!r}")
+    return levels
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default="http://127.0.0.1:8998/v1", help="OpenAI base URL, ending in /v1")
+    parser.add_argument("--model", default="minimind", help="served model name")
+    parser.add_argument("--api-key", default="not-needed", help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--concurrency", type=concurrency_list, default=list(DEFAULT_CONCURRENCY),
+                        help="comma-separated levels (default: %(default)s)")
+    parser.add_argument("--requests-per-level", type=positive_int, default=32,
+                        help="requests sent at each level (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=positive_int, default=64,
+                        help="tokens generated per request (default: %(default)s)")
+    parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                        help="let answers stop at end-of-sequence (default: every answer is exactly --max-tokens)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="write the full results as JSON to this file")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minimind_course.bench",
+                                     description="Benchmark an OpenAI-compatible endpoint.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_sweep_arguments(commands.add_parser(
+        "sweep", help="concurrency sweep: TTFT, inter-token latency, tokens/s per level (the default)",
+        description="Streamed greedy chat requests at increasing concurrency; prints a table, --out writes JSON.",
+    ))  # fmt: skip
+    over = commands.add_parser("overhead", help="our server's tokens/s over HTTP+SSE vs in-process, and TTFT",
+                               description="Same model, same prompt, greedy fixed-length requests, alternating "
+                               "between a served subprocess and an in-process engine.")
+    over.add_argument("--model", default=None, help="model folder or .pth (default: the bundled model)")
+    over.add_argument("--tokens", type=positive_int, default=256, help="tokens per request (default: %(default)s)")
+    over.add_argument("--runs", type=positive_int, default=5, help="throughput requests per side (median reported)")
+    over.add_argument("--ttft-runs", type=positive_int, default=20, help="short requests per side for TTFT")
+    over.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    over.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
+    return parser
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    config = SweepConfig(
+        base_url=args.base_url, model=args.model, api_key=args.api_key, concurrency=args.concurrency,
+        requests_per_level=args.requests_per_level, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
+        timeout=args.timeout,
+    )  # fmt: skip
+    try:
+        results = asyncio.run(sweep(config, progress=args.progress))
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{config.base_url}  model={config.model!r}  max_tokens={config.max_tokens}  "
+          f"requests/level={config.requests_per_level}")
+    print(format_table(results))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(sweep_report(config, results), indent=2, ensure_ascii=False) + "\n",
+                            encoding="utf-8")
+        print(f"results written to {args.out}")
+    failed = sum(level.errors for level in results)
+    if failed:
+        first = next(record.error for level in results for record in level.records if record.error)
+        print(f"error: {failed} request(s) failed; first: {first}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_overhead(args: argparse.Namespace) -> int:
+    config = OverheadConfig(model=args.model, tokens=args.tokens, runs=args.runs, ttft_runs=args.ttft_runs,
+                            threads=args.threads)
+    try:
+        report = measure_overhead(config)
+    except (RuntimeError, OSError, ValueError, httpx.HTTPError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_overhead(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"results written to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "sweep")  # `bench --base-url ...` means `bench sweep --base-url ...`
+    args = build_parser().parse_args(argv)
+    return {"sweep": run_sweep, "overhead": run_overhead}[args.command](args)

