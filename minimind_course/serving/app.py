@@ -3,6 +3,7 @@
 | route | what it does |
 |---|---|
 | ``GET /health`` | ``{"status": "ok", "queued": N}``, even while the engine is busy; never needs the API key |
+| ``GET /metrics`` | Prometheus text format under vLLM's metric names (``metrics``); no API key, as in vLLM |
 | ``GET /v1/models`` | the served name(s) with ``max_model_len`` |
 | ``POST /v1/chat/completions`` | chat template → queue → ``chat.completion`` or an SSE stream of chunks |
 | ``POST /v1/completions`` | the same without the template (a string or token ids) |
@@ -28,7 +29,9 @@ from minimind_course.engine.engine import (
     GenerationHandle,
     GenerationResult,
     PromptError,
+    RequestTooLargeError,
 )
+from minimind_course.serving.metrics import CONTENT_TYPE, EngineMetrics
 from minimind_course.serving.middleware import DEFAULT_MAX_BODY_BYTES, add_error_handlers, add_middleware
 from minimind_course.serving.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from minimind_course.serving.reasoning import THINK_START
@@ -64,6 +67,7 @@ def create_app(
     app.state.served_model_names = names
     app.state.started = int(time.time())
     token_text = TokenText(engine.tokenizer)
+    metrics = EngineMetrics(engine, names[0])
     add_error_handlers(app)
 
     def check_model(requested: str | None) -> str:
@@ -75,6 +79,10 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, object]:
         return {"status": "ok", "queued": engine.queued}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, object]:
@@ -151,6 +159,8 @@ def _submit(
         return engine.submit(prompt_ids, body.sampling_params(budget, engine.sampling_defaults), request_id, lora=lora)
     except ContextLengthError as err:
         raise OpenAIError(400, str(err), "messages" if isinstance(body, ChatCompletionRequest) else "prompt") from err
+    except RequestTooLargeError as err:
+        raise OpenAIError(400, str(err), err.param) from err
     except EngineBusyError as err:
         raise OpenAIError(429, str(err)) from err
 
