@@ -19,6 +19,9 @@ import pytest
 from conftest import Endpoint
 from openai_conformance import *  # noqa: F401,F403  (the same checks, collected here against vLLM)
 
+from test_checkpoint_kinds import NEW_TOKENS, PROMPTS, VOCAB, reference_greedy, save_folder, save_pth
+from upstream_reference import random_lora, random_upstream, reference_logits
+
 from minimind_course.serving import vllm_launcher
 from minimind_course.bench.backend_compare import compare_backends, course_prompts
 from minimind_course.model.loading import BUNDLED_MODEL_DIR
@@ -174,3 +177,82 @@ def _serve_args(**overrides) -> argparse.Namespace:
     defaults = dict(model=None, host="127.0.0.1", port=0, served_model_name=SERVED, api_key=None,
                     max_model_len=None, cors_origins=["*"], dtype="float32", export_dir=None)
     return argparse.Namespace(**{**defaults, **overrides})
+
+
+# ---- every upstream checkpoint kind on vLLM (issue 16): one server each, started here and stopped after ----
+def _kind_server(folder):
+    return VLLMServer(folder, served_model_name="base", startup_timeout=600, extra_args=["-O0"])
+
+
+def _vllm_greedy(server, model, prompt, new_tokens=NEW_TOKENS):
+    """vLLM's greedy token ids and the first token's logprob for a token-id prompt."""
+    body = httpx.post(f"{server.base_url}/completions", timeout=300, json={
+        "model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+        "logprobs": 1, "return_tokens_as_token_ids": True}).json()
+    logprobs = body["choices"][0]["logprobs"]
+    return [int(token.removeprefix("token_id:")) for token in logprobs["tokens"]], logprobs["token_logprobs"][0]
+
+
+def _upstream_first_logprob(sd, c, prompt, lora=None):
+    import torch
+
+    return torch.log_softmax(reference_logits(sd, c, torch.tensor([prompt]), lora)[0, -1], -1).max().item()
+
+
+def test_vllm_serves_minimind3_moe_with_yarn_like_upstream(tmp_path):
+    """MiniMind-3-MoE (top-2) with upstream's YaRN, exported as Qwen3-MoE with rope_type yarn: vLLM's greedy tokens
+    and logprobs equal upstream's maths, on short prompts and past the original 2,048 positions."""
+    import torch
+
+    from minimind_course.model.export import export_for_vllm
+
+    sd, c = random_upstream(3, moe=True, vocab=VOCAB, yarn=True, top_k=2, hidden=128, heads=2, kv_heads=1)
+    out = export_for_vllm(save_folder(tmp_path, sd, c), tmp_path / "export")
+    long_prompt = torch.randint(3, VOCAB, (2100,), generator=torch.Generator().manual_seed(4)).tolist()
+    with _kind_server(out) as server:
+        assert "Resolved architecture: Qwen3MoeForCausalLM" in server.log_path.read_text(encoding="utf-8")
+        for prompt in PROMPTS + [long_prompt]:
+            tokens, first = _vllm_greedy(server, "base", prompt, 2 if prompt is long_prompt else NEW_TOKENS)
+            assert tokens == reference_greedy(sd, c, prompt)[:len(tokens)]
+            assert first == pytest.approx(_upstream_first_logprob(sd, c, prompt), abs=1e-3)
+
+
+def test_vllm_serves_lora_adapters_like_upstream(tmp_path):
+    """Two upstream adapters exported as PEFT folders: vLLM lists them with the base as parent and each answers
+    like upstream's W x + B(A x)."""
+    import torch
+
+    from minimind_course.model.export import export_for_vllm
+
+    sd, c = random_upstream(2, moe=False, vocab=VOCAB, hidden=512, heads=8, kv_heads=2)  # head_dim 64 for vLLM CPU
+    adapters = {"medical": random_lora(sd, rank=16, seed=1), "identity": random_lora(sd, rank=8, seed=2)}
+    for name, tensors in adapters.items():
+        torch.save(tensors, tmp_path / f"lora_{name}.pth")
+    out = export_for_vllm(save_pth(tmp_path, sd), tmp_path / "export",
+                          lora={name: tmp_path / f"lora_{name}.pth" for name in adapters})
+    with _kind_server(out) as server:
+        assert "--enable-lora" in server.command and "--max-lora-rank" in server.command
+        models = {m["id"]: m["parent"] for m in httpx.get(f"{server.base_url}/models").json()["data"]}
+        assert models == {"base": None, "medical": "base", "identity": "base"}
+        for model in ("base", "medical", "identity"):
+            lora = {k: v.float() for k, v in adapters[model].items()} if model in adapters else None
+            for prompt in PROMPTS[:2]:
+                tokens, first = _vllm_greedy(server, model, prompt)
+                assert tokens == reference_greedy(sd, c, prompt, lora), model
+                assert first == pytest.approx(_upstream_first_logprob(sd, c, prompt, lora), abs=1e-3)
+
+
+def test_vllm_serves_minimind2_moe_as_deepseek_moe_like_upstream(tmp_path):
+    """MiniMind2-MoE (top-2, two shared experts) exported as DeepSeek-MoE v1: vLLM's DeepseekForCausalLM gives
+    upstream's greedy tokens and logprobs. Its config class ships as a file, hence --trust-remote-code."""
+    from minimind_course.model.export import export_for_vllm
+
+    sd, c = random_upstream(2, moe=True, vocab=VOCAB, shared=2, hidden=512, heads=8, kv_heads=2)
+    out = export_for_vllm(save_pth(tmp_path, sd), tmp_path / "export")
+    with _kind_server(out) as server:
+        assert "--trust-remote-code" in server.command
+        assert "Resolved architecture: DeepseekForCausalLM" in server.log_path.read_text(encoding="utf-8")
+        for prompt in PROMPTS[:3]:
+            tokens, first = _vllm_greedy(server, "base", prompt)
+            assert tokens == reference_greedy(sd, c, prompt)
+            assert first == pytest.approx(_upstream_first_logprob(sd, c, prompt), abs=1e-3)
