@@ -396,3 +396,19 @@ def test_serve_flags_for_adapters_and_yarn(capsys):
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert message in capsys.readouterr().err
+
+
+def test_vllm_backend_exports_adapters_and_passes_them_to_vllm(tmp_path, base_and_adapters):
+    """What serve --backend vllm --lora does before vLLM starts: a cached export with PEFT folders, and the flags."""
+    from minimind_course.model.export import cached_export
+    from minimind_course.serving.vllm_launcher import VLLMServer
+
+    sd, _, _, _, folder = base_and_adapters
+    adapters = {"medical": folder / "lora_medical_64.pth", "identity": folder / "lora_identity_64.pth"}
+    out = cached_export(save_pth(folder, sd), tmp_path / "cache", lora=adapters)
+    assert cached_export(save_pth(folder, sd), tmp_path / "cache", lora=adapters) == out  # reused
+    assert cached_export(save_pth(folder, sd), tmp_path / "cache", lora={"medical": adapters["medical"]}) != out
+    command = " ".join(VLLMServer(out, port=1234).command)
+    assert "--enable-lora --max-loras 2 --max-lora-rank 16 --lora-modules" in command
+    assert f"identity={out / 'lora' / 'identity'} medical={out / 'lora' / 'medical'}" in command
+    assert "--trust-remote-code" not in command
