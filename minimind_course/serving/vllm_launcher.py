@@ -171,6 +171,7 @@ def serve_vllm(args) -> int:
         api_key=args.api_key,
         cors_origins=args.cors_origins,
         dtype=dtype,
+        extra_args=getattr(args, "vllm_args", ()),  # `serve --backend vllm -- FLAGS`: vLLM's own flags, verbatim
         inherit_output=True,
         startup_timeout=float("inf"),  # vLLM logs its own progress; Ctrl-C stops the wait
     )
