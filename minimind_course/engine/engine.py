@@ -244,6 +244,7 @@ class StepStats:
     inter_token_latency_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
     preemptions: int = 0
+    request_ids: tuple[str, ...] = ()  # the requests that had sequences in this step's forward passes
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -479,7 +480,9 @@ class Engine:
             if request.handle.cancelled.is_set():
                 self._end(request, "cancelled")
         plan = self.scheduler.schedule()
-        stats = StepStats(preemptions=plan.preempted)
+        scheduled = [seq for seq, _ in plan.prefills] + plan.decodes
+        stats = StepStats(preemptions=plan.preempted,
+                          request_ids=tuple(dict.fromkeys(seq.request.handle.request_id for seq in scheduled)))
         ready: list[tuple[Sequence, torch.Tensor]] = []
         if plan.prefills:
             ready += self._forward([seq for seq, _ in plan.prefills], [n for _, n in plan.prefills])
