@@ -412,3 +412,16 @@ def test_vllm_backend_exports_adapters_and_passes_them_to_vllm(tmp_path, base_an
     assert "--enable-lora --max-loras 2 --max-lora-rank 16 --lora-modules" in command
     assert f"identity={out / 'lora' / 'identity'} medical={out / 'lora' / 'medical'}" in command
     assert "--trust-remote-code" not in command
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_yarn_pth_served_past_the_original_context(tmp_path):
+    """--rope-scaling yarn on a .pth: a 2,100-token prompt (beyond upstream's original 2,048, through the engine's
+    chunked prefill) is answered as upstream's YaRN maths says."""
+    sd, c = random_upstream(3, moe=False, vocab=VOCAB, layers=1, yarn=True)
+    engine, server = served(save_pth(tmp_path, sd), rope_scaling="yarn", max_model_len=4096)
+    prompt = torch.randint(3, VOCAB, (2100,), generator=torch.Generator().manual_seed(5)).tolist()
+    with server:
+        (answer,) = await completions(server.base_url, [("base", prompt)])
+    engine.close()
+    assert answer == text(engine.tokenizer, reference_greedy(sd, c, prompt))
