@@ -136,7 +136,8 @@ def serve_minimind(args: argparse.Namespace) -> int:
                      cors_origins=args.cors_origins, max_body_bytes=args.max_body_bytes)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     adapters = "".join(f"  lora={name!r}" for name in engine.lora_names)
-    print(f"MiniMind OpenAI-compatible server: http://{shown_host}:{args.port}/v1  model={args.served_model_name!r}{adapters}  "
+    print(f"MiniMind OpenAI-compatible server: http://{shown_host}:{args.port}/v1  "
+          f"model={args.served_model_name!r}{adapters}  "
           f"max_model_len={engine.max_model_len}  api_key={'on' if args.api_key else 'off'}", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print("warning: listening on the network without --api-key: anyone who can reach this port can use it",

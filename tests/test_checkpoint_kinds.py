@@ -425,3 +425,22 @@ async def test_yarn_pth_served_past_the_original_context(tmp_path):
         (answer,) = await completions(server.base_url, [("base", prompt)])
     engine.close()
     assert answer == text(engine.tokenizer, reference_greedy(sd, c, prompt))
+
+
+def test_vllm_backend_refuses_lora_on_moe_on_cpu(tmp_path, monkeypatch, capsys):
+    """vLLM CPU 0.32 would start and then fail every request (Triton-only LoRA MoE layer): refused before it starts."""
+    import argparse
+
+    from minimind_course.serving import vllm_launcher
+
+    sd, _ = random_upstream(3, moe=True, vocab=VOCAB)
+    torch.save(random_lora(sd, rank=8, seed=1), tmp_path / "lora.pth")
+    monkeypatch.setattr(vllm_launcher, "vllm_installed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = argparse.Namespace(model=str(save_pth(tmp_path, sd)), host="127.0.0.1", port=0, served_model_name="base",
+                              api_key=None, max_model_len=None, cors_origins=["*"], dtype="float32",
+                              export_dir=str(tmp_path / "cache"), lora={"demo": str(tmp_path / "lora.pth")},
+                              rope_scaling=None, vllm_args=[])
+    assert vllm_launcher.serve_vllm(args) == 1
+    err = capsys.readouterr().err
+    assert "cannot serve LoRA adapters on a mixture-of-experts model" in err and err.count("\n") == 1

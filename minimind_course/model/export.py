@@ -138,7 +138,7 @@ def vllm_native_config(config: PreTrainedConfig, qk_norm: bool, dtype: torch.dty
 
 
 # DeepSeek-MoE v1's config class is not part of transformers: vLLM reads it through this file (--trust-remote-code).
-DEEPSEEK_CONFIG_CODE = '''"""DeepSeek-MoE v1 configuration (model_type "deepseek"): every config.json field becomes an attribute."""
+DEEPSEEK_CONFIG_CODE = '''"""DeepSeek-MoE v1 config (model_type "deepseek"): each config.json field is an attribute."""
 from transformers import PretrainedConfig
 
 
@@ -184,7 +184,8 @@ def _native_state_dict(model: PreTrainedModel, config: PreTrainedConfig, dtype: 
             gate = torch.stack([state.pop(f"{p}experts.{e}.gate_proj.weight") for e in experts])
             up = torch.stack([state.pop(f"{p}experts.{e}.up_proj.weight") for e in experts])
             state[f"{p}experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
-            state[f"{p}experts.down_proj"] = torch.stack([state.pop(f"{p}experts.{e}.down_proj.weight") for e in experts])
+            down = [state.pop(f"{p}experts.{e}.down_proj.weight") for e in experts]
+            state[f"{p}experts.down_proj"] = torch.stack(down)
         if isinstance(config, DeepseekMoeConfig) and config.n_shared_experts:
             shared = range(config.n_shared_experts)
             for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):

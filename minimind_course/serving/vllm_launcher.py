@@ -181,6 +181,9 @@ def serve_vllm(args) -> int:
     except (ModelLoadError, ExportError, OSError) as err:
         print(f"error: cannot export the model for vLLM: {err}", file=sys.stderr)
         return 1
+    if (problem := cpu_lora_moe_problem(model_dir)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     server = VLLMServer(
         model_dir,
         port=args.port,
@@ -210,6 +213,19 @@ def serve_vllm(args) -> int:
         return 0
     finally:
         server.stop()
+
+
+def cpu_lora_moe_problem(model_dir: Path) -> str | None:
+    """Why vLLM cannot serve this export here (None if it can): on CPU, vLLM 0.32 starts a MoE model with LoRA
+    adapters but fails its first request, because its LoRA fused-MoE layer needs Triton kernels."""
+    import torch
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    moe = "num_local_experts" in config or "num_experts" in config or "n_routed_experts" in config
+    if not (moe and (model_dir / "lora").is_dir()) or torch.cuda.is_available():
+        return None
+    return ("vLLM on CPU cannot serve LoRA adapters on a mixture-of-experts model (its LoRA MoE layer runs Triton "
+            "kernels: 'module triton.language has no attribute float32'); use --backend minimind, or a GPU")
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
