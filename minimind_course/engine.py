@@ -20,10 +20,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -35,6 +35,22 @@ from minimind_course.stop_strings import StopStringMatcher
 DEFAULT_MAX_QUEUE = 64
 TRACE_HISTORY = 1024  # how many finished requests ``Engine.traces()`` remembers
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+class Constraint(Protocol):
+    """A per-sequence decoding constraint (e.g. a grammar): masks logits before the draw, follows the drawn token."""
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set disallowed tokens of a 1-D logits row to -inf, in place (before the sampling processors)."""
+
+    def accept(self, token_id: int) -> None:
+        """Advance by the token drawn for this sequence."""
+
+    def done(self) -> bool:
+        """True when the sequence is complete: it finishes with "stop"."""
+
+
+ConstraintFactory = Callable[[], Constraint]  # called once per choice: each of n choices has its own state
 
 
 class EngineBusyError(RuntimeError):
@@ -155,6 +171,7 @@ class GenerationHandle:
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancelled_at: float | None = None
+    constraint: ConstraintFactory | None = None
 
     def cancel(self) -> None:
         if self.cancelled_at is None:
@@ -267,11 +284,18 @@ class Engine:
         return max_tokens if max_tokens is not None else self.max_model_len - prompt_tokens
 
     # ---- requests ------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> GenerationHandle:
-        """Queue a request (call from the event loop); raises EngineBusyError when the queue is full."""
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        constraint: ConstraintFactory | None = None,
+    ) -> GenerationHandle:
+        """Queue a request (call from the event loop); raises EngineBusyError when the queue is full.
+        ``constraint`` makes one ``Constraint`` per choice (grammar-constrained decoding)."""
         if not prompt_ids:
             raise PromptError("the prompt is empty")
-        handle = GenerationHandle(list(prompt_ids), params, asyncio.get_running_loop())
+        handle = GenerationHandle(list(prompt_ids), params, asyncio.get_running_loop(), constraint=constraint)
         if request_id is not None:
             handle.request_id = request_id
         try:
@@ -335,13 +359,20 @@ class Engine:
         generator = make_generator(params.seed, device)
         detokenizers = [IncrementalDetokenizer(self.tokenizer) for _ in range(params.n)]
         matchers = [StopStringMatcher(params.stop) for _ in range(params.n)]
+        constraints = [handle.constraint() for _ in range(params.n)] if handle.constraint else None
         finish: list[str | None] = [None] * params.n
         generated = [0] * params.n
 
         out = self.model(input_ids=sequences, use_cache=True, logits_to_keep=1)
         while not handle.cancelled.is_set():
             logits = out.logits[:, -1, :]
-            tokens = next_tokens(params, pipeline, sequences, logits, generator)
+            scores = logits
+            if constraints:  # mask a copy: logprobs still report the model's own distribution
+                scores = logits.float().clone()
+                for i, constraint in enumerate(constraints):
+                    if not finish[i]:
+                        constraint.apply(scores[i])
+            tokens = next_tokens(params, pipeline, sequences, scores, generator)
             logprobs = token_logprobs(logits, tokens, params.logprobs) if params.logprobs is not None else None
             sequences = torch.cat([sequences, tokens[:, None]], dim=1)
             deltas = []
@@ -349,7 +380,12 @@ class Engine:
                 if finish[i]:
                     continue
                 generated[i] += 1
+                if constraints:
+                    constraints[i].accept(token)
                 text, finish[i] = self._advance(token, detokenizers[i], matchers[i], generated[i], params)
+                if constraints and not finish[i] and constraints[i].done():
+                    text += matchers[i].push(detokenizers[i].flush()) + matchers[i].flush()
+                    finish[i] = "stop"
                 if text or finish[i] or logprobs:
                     deltas.append(ChoiceDelta(i, text, finish[i], (logprobs[i],) if logprobs else ()))
             done = all(finish)
