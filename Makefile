@@ -50,8 +50,10 @@ notebooks: setup-dev
 lab: setup-dev
 	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks
 
+# Train into runs/ (never straight into the package), then bundle it only if it meets every evaluation floor.
 tiny-model: setup-dev
-	$(PY) -m minimind_course.train_tiny
+	$(PY) -m minimind_course.train_tiny --out runs/minimind-tiny
+	$(PY) -m minimind_course.eval_tiny --model runs/minimind-tiny --install
 
 eval: setup-dev
 	$(PY) -m minimind_course.eval_tiny

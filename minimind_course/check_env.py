@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 REQUIRED = ["torch", "transformers", "tokenizers", "safetensors", "fastapi", "uvicorn", "openai", "httpx", "ipywidgets"]
-OPTIONAL = {"vllm": "plan B (notebook 04)", "langchain_openai": "notebook 06", "llama_index.llms.openai_like": "notebook 06"}
+OPTIONAL = {"vllm": "plan B (notebook 05)", "langchain_openai": "notebook 07", "llama_index.llms.openai_like": "notebook 07"}
 
 
 def _version(module: str) -> str:
@@ -35,14 +35,14 @@ def _python() -> str:
 
 
 def _device() -> str:
-    from minimind_course.loading import pick_device, pick_dtype
+    from minimind_course.model.loading import pick_device, pick_dtype
 
     device = pick_device()
     return f"{device.type} ({pick_dtype(device)})"
 
 
 def _bundled_model() -> str:
-    from minimind_course.loading import load_model
+    from minimind_course.model.loading import load_model
 
     start = time.perf_counter()
     model, tokenizer = load_model()

@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 
+from minimind_course.launch import bind_socket
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -53,27 +55,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def claim_port(host: str, port: int) -> socket.socket:
     """Claim the port before the (slow) model load, so a busy port fails at once."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        return bind_socket(host, port)
     except OSError as err:
-        sock.close()
         raise SystemExit(f"error: cannot listen on {host}:{port}: {err.strerror or err}") from None
-    return sock
 
 
 def serve_minimind(args: argparse.Namespace) -> int:
-    sock = bind_socket(args.host, args.port)  # before the heavy imports: a busy port fails in a blink
+    sock = claim_port(args.host, args.port)  # before the heavy imports: a busy port fails in a blink
     import uvicorn
 
     import torch
 
-    from minimind_course.engine import Engine
-    from minimind_course.server import create_app
+    from minimind_course.engine.engine import Engine
+    from minimind_course.serving.app import create_app
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +116,7 @@ def vllm_import_problem() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.backend == "vllm":
-        from minimind_course.vllm_server import serve_vllm, vllm_installed
+        from minimind_course.serving.vllm_launcher import serve_vllm, vllm_installed
 
         if vllm_installed() and (problem := vllm_import_problem()) is not None:
             raise SystemExit(f"error: vLLM is installed but cannot be imported: {problem} "

@@ -26,9 +26,9 @@ import openai
 import pytest
 import torch
 
-from minimind_course.background import BackgroundServer
-from minimind_course.engine import Engine
-from minimind_course.server import create_app
+from minimind_course.launch import BackgroundServer
+from minimind_course.engine.engine import Engine
+from minimind_course.serving.app import create_app
 
 SERVED_MODEL_NAME = "minimind"
 
@@ -100,7 +100,7 @@ def make_server(engine: Engine):
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory) -> Path:
     """The bundled model exported to a Llama folder that vLLM serves natively."""
-    from minimind_course.export import export_for_vllm
+    from minimind_course.model.export import export_for_vllm
 
     return export_for_vllm(None, tmp_path_factory.mktemp("vllm-export"))
 
@@ -108,7 +108,7 @@ def export_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vllm(export_dir: Path):
     """Real vLLM serving the export, started once for the whole session (vLLM tests, ecosystem, browser)."""
-    from minimind_course.vllm_server import VLLMServer
+    from minimind_course.serving.vllm_launcher import VLLMServer
 
     # -O0: no torch.compile. Start-up drops from 1-5 minutes (busy 2-core machine) to well under one; the model code
     # is the same.
@@ -127,7 +127,7 @@ def backend(request) -> tuple[str, str]:
     if request.param == "minimind":
         endpoint = request.getfixturevalue("endpoint")
         return endpoint.base_url, endpoint.model
-    from minimind_course.vllm_server import vllm_installed
+    from minimind_course.serving.vllm_launcher import vllm_installed
 
     if not vllm_installed():
         pytest.skip("vLLM is not installed: pip install 'minimind-course[vllm]'")

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from minimind_course import bench
-from minimind_course.loadgen import percentile
+from minimind_course.bench import cli as bench
+from minimind_course.bench.loadgen import percentile
+from minimind_course.bench.timing import TimedStream
 
 
 def test_short_sweep_writes_sane_json(base_url, tmp_path, capsys):
@@ -77,3 +78,11 @@ def test_percentile_interpolates_like_numpy():
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
     assert percentile([7.0], 95) == 7.0
+
+
+def test_inter_token_latency_is_per_token_not_per_chunk():
+    """11 tokens in one second after the first: 10 gaps of 0.1 s, however many chunks carried them."""
+    timed = TimedStream(True, ttft=0.1, latency=1.1, output_tokens=11, chunks=2)
+    assert timed.itl == pytest.approx(0.1)
+    assert TimedStream(True, ttft=0.1, latency=0.1, output_tokens=1).itl is None
+    assert TimedStream(False, error="boom").itl is None

@@ -3,7 +3,7 @@ benchmark's job, not the tests')."""
 
 import json
 
-from minimind_course import bench
+from minimind_course.bench import cli as bench
 
 
 def test_overhead_writes_sane_json(tmp_path, capsys):

@@ -4,13 +4,14 @@ import json
 import os
 import pty
 import select
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from minimind_course.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EN_NAME, ZH_NAME = "Dmitri", "王思远"  # held-out names (never in training); eval_tiny measures the recall rate
@@ -62,12 +63,6 @@ def test_reset_and_history_commands(base_url):
     assert "(no history yet)" in out
     assert EN_NAME not in out[-1]
     assert "history cleared" in run.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def assert_one_line_error(run: subprocess.CompletedProcess, *fragments: str) -> None:

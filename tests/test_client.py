@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from minimind_course.client import ChatSession, Delta
-from minimind_course.history import PromptTooLongError, QAPair, tokenizer_counter
+from minimind_course.client.history import PromptTooLongError, QAPair, tokenizer_counter
 
 EN_NAME, ZH_NAME = "Dmitri", "王思远"  # held-out names (never in training); eval_tiny measures the recall rate
 GREEDY = {"temperature": 0, "max_tokens": 48}

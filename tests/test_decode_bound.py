@@ -1,8 +1,8 @@
-"""The decode-bound helpers of notebook 07: bytes counted once per tensor, measurements that run (no thresholds)."""
+"""The decode-bound helpers of notebook 08: bytes counted once per tensor, measurements that run (no thresholds)."""
 
 import torch
 
-from minimind_course.decode_bound import (
+from minimind_course.bench.decode_bound import (
     decode_bound,
     distinct_parameters,
     measure_copy_bandwidth,

@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from minimind_course.detokenize import IncrementalDetokenizer
+from minimind_course.engine.detokenize import IncrementalDetokenizer
 
 TEXTS = ["你好，世界！", "MiniMind 🤖 streams 流式输出 ✅", "café naïve — 😀😃"]
 

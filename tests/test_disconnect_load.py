@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from minimind_course.disconnect_load import MAX_STOP_LATENCY_S, DisconnectLoadConfig, run_disconnect_load
-from minimind_course.engine import Engine
-from minimind_course.sampling import SamplingParams
+from minimind_course.bench.disconnect_load import MAX_STOP_LATENCY_S, DisconnectLoadConfig, run_disconnect_load
+from minimind_course.engine.engine import Engine
+from minimind_course.engine.sampling import SamplingParams
 
 
 def test_64_streaming_clients_half_of_them_disconnecting(server, engine, capsys):
@@ -34,7 +34,7 @@ def test_leaving_clients_are_spread_over_all_clients():
 
 def test_command_line_prints_the_figures_and_writes_json(tmp_path):
     out = tmp_path / "figures.json"
-    result = subprocess.run([sys.executable, "-m", "minimind_course.disconnect_load", "--clients", "6",
+    result = subprocess.run([sys.executable, "-m", "minimind_course.bench.disconnect_load", "--clients", "6",
                              "--disconnects", "3", "--max-tokens", "24", "--json", str(out)],
                             capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -16,7 +16,7 @@ from langchain_openai import ChatOpenAI
 from llama_index.core.llms import ChatMessage
 from llama_index.llms.openai_like import OpenAILike
 
-from minimind_course.ecosystem import chatml_prompt, curl_chat
+from minimind_course.client.ecosystem import chatml_prompt, curl_chat
 
 MAX_TOKENS = 32
 CONVERSATIONS = {

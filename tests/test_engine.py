@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from minimind_course.engine import ChoiceDelta, ContextLengthError, Engine, EngineBusyError, StepOutput, merge_steps
-from minimind_course.sampling import SamplingParams
+from minimind_course.engine.engine import ChoiceDelta, ContextLengthError, Engine, EngineBusyError, StepOutput, merge_steps
+from minimind_course.engine.sampling import SamplingParams
 from scripted_model import ScriptedLM, byte_tokens
 
 TEXT = "你好，世界！😀 MiniMind 🚀"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from minimind_course.export import cached_export, export_for_vllm, main, source_fingerprint
-from minimind_course.loading import BUNDLED_MODEL_DIR, load_model
+from minimind_course.model.export import cached_export, export_for_vllm, main, source_fingerprint
+from minimind_course.model.loading import BUNDLED_MODEL_DIR, load_model
 from minimind_course.model import MiniMindConfig, MiniMindForCausalLM
-from minimind_course.tiny_tokenizer import train_bpe, wrap_fast_tokenizer
+from minimind_course.training.tokenizer import train_bpe, wrap_fast_tokenizer
 
 VOCAB = 320
 MESSAGES = [{"role": "system", "content": "你是 MiniMind。"}, {"role": "user", "content": "什么是 vLLM？"}]

@@ -3,7 +3,9 @@
 Every answer must be a 4xx in OpenAI's envelope, or a well-formed 200 where the request is in fact valid (decided
 per category, never "anything but 5xx"); zero 5xx; and afterwards the server gives the same greedy answer as
 before the fuzzing. Examples are derandomized (same requests on every run, no example database), so CI is
-reproducible. ``test_fuzzing_totals`` (last in this module) checks and prints the figures of the whole run.
+reproducible. Each test stands alone; the module prints the totals of the whole run when it ends, and
+``test_server_is_unharmed_by_hostile_requests`` checks, with hostile requests of its own, that the server is idle
+and gives the same greedy answer afterwards.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ from hypothesis import strategies as st
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from minimind_course.background import BackgroundServer
-from minimind_course.protocol import INT64, MAX_N, MAX_TOP_LOGPROBS
-from minimind_course.server import create_app
+from minimind_course.launch import BackgroundServer
+from minimind_course.serving.protocol import INT64, MAX_N, MAX_TOP_LOGPROBS
+from minimind_course.serving.app import create_app
 
-MIN_REQUESTS = 1000
 SMALL_BODY_LIMIT = 2048  # bytes, for the server that fuzzes the body-size limit
 API_KEY = "workshop-key"
 CHINESE = [{"role": "user", "content": "请介绍一下你自己。"}]
@@ -119,7 +120,12 @@ def greedy_answer(client: httpx.Client, base_url: str) -> dict:
 @pytest.fixture(scope="module")
 def fuzz(base_url) -> FuzzRun:
     with httpx.Client(timeout=120) as client:
-        yield FuzzRun(client, greedy_answer(client, base_url))
+        run = FuzzRun(client, greedy_answer(client, base_url))
+        yield run
+    total = sum(run.requests.values())
+    server_errors = sum(count for status, count in run.statuses.items() if status != "closed" and status >= 500)
+    print(f"\nfuzzing: {total} requests, {server_errors} 5xx; by status {dict(run.statuses.most_common())}; "
+          f"by category {dict(sorted(run.requests.items()))}")
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +432,7 @@ def test_bodies_up_to_the_limit_are_served(fuzz, small_limit_url, size):
 
 
 def test_the_default_limit_is_2_mib(fuzz, base_url):
-    from minimind_course.server import DEFAULT_MAX_BODY_BYTES
+    from minimind_course.serving.app import DEFAULT_MAX_BODY_BYTES
 
     assert DEFAULT_MAX_BODY_BYTES == 2 * 1024 * 1024
     raw = json_bytes({"messages": [{"role": "user", "content": "x" * DEFAULT_MAX_BODY_BYTES}]})
@@ -531,15 +537,14 @@ def test_found_by_fuzzing_tiny_temperatures_are_greedy_not_500(fuzz, base_url):
 
 
 # ---- afterwards ----------------------------------------------------------------------------------------------------
-def test_fuzzing_totals(fuzz, base_url, engine, capsys):
-    """Runs last: enough requests, no 5xx, the engine idle and the same greedy answer as before the fuzzing."""
-    total = sum(fuzz.requests.values())
-    server_errors = sum(count for status, count in fuzz.statuses.items() if status != "closed" and status >= 500)
-    with capsys.disabled():
-        print(f"\nfuzzing: {total} requests, {server_errors} 5xx; by status {dict(fuzz.statuses.most_common())}; "
-              f"by category {dict(sorted(fuzz.requests.items()))}")
-    assert total >= MIN_REQUESTS, f"only {total} requests: run the whole module, the totals need every test"
-    assert server_errors == 0
+def test_server_is_unharmed_by_hostile_requests(fuzz, base_url, engine):
+    """A burst of hostile requests of every kind, then: the engine idle and the same greedy answer as before."""
+    url = base_url + "/chat/completions"
+    hostile = [b"", b"{", b"[]", b'"x"', b'{"messages": 1}', b'{"messages": [{"role": "x", "content": "y"}]}',
+               b'{"messages": [], "max_tokens": -1}', b'{"temperature": NaN}', b"\xff\xfe{}",
+               json_bytes({"messages": CHINESE, "max_tokens": 10**12})]
+    for raw in hostile * 10:
+        assert 400 <= fuzz.post("burst", url, raw).status_code < 500
     assert engine.active is None and engine.queued == 0
     assert fuzz.client.get(base_url.removesuffix("/v1") + "/health").json()["status"] == "ok"
     assert greedy_answer(fuzz.client, base_url) == fuzz.reference

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minimind_course.history import (
+from minimind_course.client.history import (
     PromptTooLongError,
     QAPair,
     build_window,

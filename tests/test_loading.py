@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from safetensors.torch import save_file
 
-from minimind_course.loading import ModelLoadError, infer_config, load_model, pick_device, pick_dtype
+from minimind_course.model.loading import ModelLoadError, infer_config, load_model, pick_device, pick_dtype
 from minimind_course.model import MiniMindConfig, MiniMindForCausalLM
 
 VOCAB = 300

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from minimind_course.model import (
+from minimind_course.model.minimind import (
     MiniMindConfig,
     MiniMindForCausalLM,
     minimind2_intermediate_size,

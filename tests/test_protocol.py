@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from minimind_course.protocol import MAX_N, ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
+from minimind_course.serving.protocol import MAX_N, ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
 
 USER = [{"role": "user", "content": "你好"}]
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minimind_course.reasoning import ThinkParser, split_reasoning
+from minimind_course.serving.reasoning import ThinkParser, split_reasoning
 
 CASES = [
     ("<think>\n想一想：1+1=2\n</think>\n\n答案是 2。", False, ("想一想：1+1=2\n", "答案是 2。")),

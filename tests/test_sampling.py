@@ -2,7 +2,7 @@
 
 import torch
 
-from minimind_course.sampling import (
+from minimind_course.engine.sampling import (
     PresenceFrequencyPenalty,
     SamplingParams,
     build_logits_pipeline,

@@ -7,7 +7,7 @@ import hmac
 import httpx
 
 from minimind_course.serve import parse_args
-from minimind_course.server import DEFAULT_MAX_BODY_BYTES
+from minimind_course.serving.app import DEFAULT_MAX_BODY_BYTES
 
 
 def test_the_cli_listens_on_this_machine_only_unless_told_otherwise(monkeypatch):

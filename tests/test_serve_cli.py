@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,17 +15,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from minimind_course.loading import BUNDLED_MODEL_DIR
+from minimind_course.model.loading import BUNDLED_MODEL_DIR
+from minimind_course.launch import free_port, wait_for_health
 from minimind_course.serve import parse_args
 
 SERVE = [sys.executable, "-m", "minimind_course.serve"]
 MODEL = ["--model", os.environ["MINIMIND_TEST_MODEL"]] if os.environ.get("MINIMIND_TEST_MODEL") else []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_cli(*args: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
@@ -109,14 +103,7 @@ def test_serves_an_openai_endpoint_and_stops_cleanly(stop_signal):
                                 "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True,
                                encoding="utf-8")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
+        wait_for_health(f"http://127.0.0.1:{port}", alive=lambda: process.poll() is None, timeout=120)
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="class-key", max_retries=0) as client:
             answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}],
                                                     max_tokens=5, temperature=0)

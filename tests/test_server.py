@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from minimind_course.background import BackgroundServer
-from minimind_course.engine import Engine
-from minimind_course.server import create_app
+from minimind_course.launch import BackgroundServer
+from minimind_course.engine.engine import Engine
+from minimind_course.serving.app import create_app
 from scripted_model import ScriptedLM, byte_tokens
 
 CHINESE = [{"role": "user", "content": "请介绍一下你自己。"}]

@@ -1,10 +1,9 @@
 """Stop strings: output is cut at the first match and no prefix of a stop string is streamed early."""
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minimind_course.stop_strings import StopStringMatcher, held_suffix_len
+from minimind_course.engine.stop_strings import StopStringMatcher, held_suffix_len
 
 
 def run(pieces, stop):

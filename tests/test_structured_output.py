@@ -9,13 +9,13 @@ import jsonschema
 import pytest
 import torch
 
-from minimind_course.engine import Engine
-from minimind_course.loading import load_model
-from minimind_course.protocol import ChatCompletionRequest
-from minimind_course.sampling import SamplingParams
+from minimind_course.engine.engine import Engine
+from minimind_course.model.loading import load_model
+from minimind_course.serving.protocol import ChatCompletionRequest
+from minimind_course.engine.sampling import SamplingParams
 from minimind_course.serving.structured_output import GrammarError, StructuredOutput, request_grammar
 from minimind_course.serving.tool_parser import extract_tool_calls
-from minimind_course.reasoning import split_reasoning
+from minimind_course.serving.reasoning import split_reasoning
 from tool_models import build_minimind3_folder
 
 USER = [{"role": "user", "content": "查一下东京和北京的天气，按 JSON 回答。"}]

@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minimind_course.corpus_gen import CorpusBuilder, build_corpus, load_json
-from minimind_course.eval_tiny import GreedyChat, eval_memory
-from minimind_course.loading import BUNDLED_MODEL_DIR, load_model
+from minimind_course.training.corpus import CorpusBuilder, build_corpus, load_json
+from minimind_course.training.evaluate import GreedyChat, eval_memory
+from minimind_course.model.loading import BUNDLED_MODEL_DIR, load_model
 from minimind_course.model import MiniMindForCausalLM
-from minimind_course.train_tiny import encode_dialogue, name_pieces, render_with_spans
+from minimind_course.training.train import encode_dialogue, name_pieces, render_with_spans
 
 HELDOUT = load_json("heldout_names.json")
 

@@ -6,7 +6,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from minimind_course.protocol import ChatCompletionRequest, ParamError
+from minimind_course.serving.protocol import ChatCompletionRequest, ParamError
 from minimind_course.serving.tool_parser import ToolCallParser, extract_tool_calls
 from tool_models import minimind3_tokenizer
 

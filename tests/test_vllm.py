@@ -19,10 +19,10 @@ import pytest
 from conftest import Endpoint
 from openai_conformance import *  # noqa: F401,F403  (the same checks, collected here against vLLM)
 
-from minimind_course import vllm_server
-from minimind_course.backend_compare import compare_backends, course_prompts
-from minimind_course.loading import BUNDLED_MODEL_DIR
-from minimind_course.vllm_server import VLLMServer, VLLMStartError, serve_vllm
+from minimind_course.serving import vllm_launcher
+from minimind_course.bench.backend_compare import compare_backends, course_prompts
+from minimind_course.model.loading import BUNDLED_MODEL_DIR
+from minimind_course.serving.vllm_launcher import VLLMServer, VLLMStartError, serve_vllm
 
 SERVED = "minimind"
 
@@ -127,7 +127,7 @@ def test_unexported_minimind_folder_fails_readably_and_leaves_nothing():
 
 
 def test_serve_vllm_without_vllm_is_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(vllm_server, "vllm_installed", lambda: False)
+    monkeypatch.setattr(vllm_launcher, "vllm_installed", lambda: False)
     assert serve_vllm(_serve_args(model=None)) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install" in err and "vllm" in err

@@ -1,10 +1,10 @@
 """The notebook chat widget, driven the way a click drives it, against the running server."""
 
 import html
-import socket
 
 from minimind_course.client import ChatSession
-from minimind_course.widget import ChatWidget
+from minimind_course.client.widget import ChatWidget
+from minimind_course.launch import free_port
 
 EN_NAME = "Dmitri"
 
@@ -41,10 +41,7 @@ def test_slider_sets_the_window_and_reset_clears(base_url):
 
 
 def test_errors_show_in_the_status_line():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    chat = ChatWidget(ChatSession(f"http://127.0.0.1:{port}/v1", max_retries=0))
+    chat = ChatWidget(ChatSession(f"http://127.0.0.1:{free_port()}/v1", max_retries=0))
     chat.input.value = "hello"
     chat.send_button.click()
     assert "error" in chat.status.value and chat.session.pairs == []

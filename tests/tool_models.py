@@ -10,9 +10,9 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
-from minimind_course.loading import BUNDLED_MODEL_DIR
-from minimind_course.model import MiniMindConfig, MiniMindForCausalLM
-from minimind_course.tiny_tokenizer import CHAT_TEMPLATE
+from minimind_course.model.loading import BUNDLED_MODEL_DIR
+from minimind_course.model.minimind import MiniMindConfig, MiniMindForCausalLM
+from minimind_course.training.tokenizer import CHAT_TEMPLATE
 
 UPSTREAM_TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 

@@ -14,7 +14,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from minimind_course.stop_strings import held_suffix_len
+from minimind_course.engine.stop_strings import held_suffix_len
 
 CALL_START = "<tool_call>"
 CALL_END = "</tool_call>"

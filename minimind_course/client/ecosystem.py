@@ -1,6 +1,6 @@
-"""Plug and play: what third-party OpenAI clients need to talk to MiniMind (notebook 06, docs/clients.md).
+"""Plug and play: what third-party OpenAI clients need to talk to MiniMind (notebook 07, docs/clients.md).
 
-Python clients (openai, LangChain, LlamaIndex) need only a base URL, any key and the model name, so notebook 06
+Python clients (openai, LangChain, LlamaIndex) need only a base URL, any key and the model name, so notebook 07
 calls them directly. Here live the pieces that are not one line: the exact ``curl`` command (run for real, its
 SSE parsed), the ChatML prompt a ``/v1/completions`` client must build itself, and the settings a learner types
 into GUI apps (NextChat, Chatbox, VS Code extensions).
@@ -28,7 +28,7 @@ def chatml_prompt(messages: Messages, tokenizer=None) -> str:
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        from minimind_course.loading import BUNDLED_MODEL_DIR
+        from minimind_course.model.loading import BUNDLED_MODEL_DIR
 
         tokenizer = AutoTokenizer.from_pretrained(str(BUNDLED_MODEL_DIR))
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

@@ -12,7 +12,7 @@ import ipywidgets as widgets
 import openai
 
 from minimind_course.client import ChatSession, Reply
-from minimind_course.history import PromptTooLongError
+from minimind_course.client.history import PromptTooLongError
 
 BOX = "white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);font-size:90%"
 

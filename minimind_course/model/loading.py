@@ -16,9 +16,9 @@ import transformers
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from minimind_course.model import MiniMindConfig, MiniMindForCausalLM
+from minimind_course.model.minimind import MiniMindConfig, MiniMindForCausalLM
+from minimind_course.paths import BUNDLED_MODEL_DIR
 
-BUNDLED_MODEL_DIR = Path(__file__).parent / "assets" / "minimind-tiny"
 UPSTREAM_NUM_HEADS = 8
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 

@@ -28,9 +28,9 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from minimind_course.detokenize import IncrementalDetokenizer
-from minimind_course.sampling import SamplingParams, build_logits_pipeline, make_generator, next_tokens
-from minimind_course.stop_strings import StopStringMatcher
+from minimind_course.engine.detokenize import IncrementalDetokenizer
+from minimind_course.engine.sampling import SamplingParams, build_logits_pipeline, make_generator, next_tokens
+from minimind_course.engine.stop_strings import StopStringMatcher
 
 DEFAULT_MAX_QUEUE = 64
 TRACE_HISTORY = 1024  # how many finished requests ``Engine.traces()`` remembers
@@ -251,7 +251,7 @@ class Engine:
         cls, path: str | Path | None = None, *, device: str | None = None, dtype: str | None = None, **kwargs: Any
     ) -> Engine:
         """Load a model with ``minimind_course.loading.load_model`` (None = the bundled model) and wrap it."""
-        from minimind_course.loading import load_model
+        from minimind_course.model.loading import load_model
 
         model, tokenizer = load_model(path, device=device, dtype=dtype)
         return cls(model, tokenizer, **kwargs)

@@ -2,8 +2,8 @@
 
 For each concurrency level C, ``requests_per_level`` requests are sent by C workers (so C are always in flight),
 each one streamed with ``stream_options.include_usage`` so the server's own token count is used. Measured per
-request: TTFT (time to the first text), end-to-end latency, output tokens, and inter-token latency
-(ITL = time after the first token / tokens after the first, vLLM's "TPOT"). Per level: output tokens/s of the
+request (``bench.timing``): TTFT (time to the first text), end-to-end latency, output tokens, and inter-token
+latency per token (ITL = time after the first token / tokens after the first, vLLM's "TPOT"). Per level: output tokens/s of the
 whole server, percentiles, errors. Same method as vLLM's ``benchmark_serving``, small enough to read.
 """
 
@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import openai
 
+from minimind_course.bench.timing import TimedStream, timed_stream
+
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
 # Fixed prompts, English and Chinese, cycled through in order so every run sends the same requests.
 DEFAULT_PROMPTS = (
@@ -29,25 +31,6 @@ DEFAULT_PROMPTS = (
     "Tell me a short story about a small robot.",
     "北京是哪个国家的首都？",
 )
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """One request as the client saw it; times in seconds from when it was sent."""
-
-    ok: bool
-    ttft: float | None = None
-    latency: float | None = None
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    error: str | None = None
-
-    @property
-    def itl(self) -> float | None:
-        """Mean time between output tokens after the first (None with fewer than two tokens)."""
-        if not self.ok or self.output_tokens < 2:
-            return None
-        return (self.latency - self.ttft) / (self.output_tokens - 1)
 
 
 @dataclass(frozen=True)
@@ -72,7 +55,7 @@ class LevelResult:
 
     concurrency: int
     duration: float  # wall time from the first request sent to the last answer received
-    records: list[RequestRecord]
+    records: list[TimedStream]
     ttft: Stats | None = field(init=False)
     itl: Stats | None = field(init=False)
     request_tokens_per_s: Stats | None = field(init=False)  # one request's decode speed: 1 / ITL
@@ -152,38 +135,10 @@ def _stats_dict(stats: Stats | None) -> dict[str, float] | None:
     return asdict(stats) if stats else None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
-async def timed_request(client: openai.AsyncOpenAI, config: SweepConfig, prompt: str) -> RequestRecord:
-    """Stream one greedy chat completion and time it; failures become a record with ``ok=False``."""
-    extra = {"ignore_eos": True} if config.ignore_eos else None
-    sent = time.perf_counter()
-    ttft, usage, chunks = None, None, 0
-    try:
-        stream = await client.chat.completions.create(
-            model=config.model, messages=[{"role": "user", "content": prompt}], temperature=0,
-            max_tokens=config.max_tokens, stream=True, stream_options={"include_usage": True}, extra_body=extra,
-        )  # fmt: skip
-        async for chunk in stream:
-            if chunk.usage is not None:
-                usage = chunk.usage
-            for choice in chunk.choices:  # the usage chunk has no choices
-                delta = choice.delta
-                if delta.content or getattr(delta, "reasoning_content", None):
-                    chunks += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - sent
-        latency = time.perf_counter() - sent
-    except (openai.OpenAIError, OSError) as err:
-        return RequestRecord(ok=False, error=_first_line(err))
-    if usage is None:
-        return RequestRecord(ok=False, error="the stream carried no usage (stream_options.include_usage ignored)")
-    if ttft is None:
-        return RequestRecord(ok=False, error="the answer was empty")
-    return RequestRecord(True, ttft, latency, usage.prompt_tokens, usage.completion_tokens)
+async def timed_request(client: openai.AsyncOpenAI, config: SweepConfig, prompt: str) -> TimedStream:
+    """One request of the sweep: a greedy streamed answer to ``prompt``, timed by ``bench.timing``."""
+    return await timed_stream(client, config.model, [{"role": "user", "content": prompt}], config.max_tokens,
+                              ignore_eos=config.ignore_eos)
 
 
 async def run_level(
@@ -191,7 +146,7 @@ async def run_level(
 ) -> LevelResult:
     """Send ``requests_per_level`` requests with ``concurrency`` of them in flight at any time."""
     prompts = [config.prompts[i % len(config.prompts)] for i in range(config.requests_per_level)]
-    records: list[RequestRecord | None] = [None] * len(prompts)
+    records: list[TimedStream | None] = [None] * len(prompts)
     next_index = iter(range(len(prompts)))
 
     async def worker() -> None:

@@ -1,6 +1,6 @@
 """Load with disconnects: many concurrent streaming clients, some of whom close the tab mid-answer.
 
-    python -m minimind_course.disconnect_load [--model PATH] [--clients 64] [--disconnects 32] [--max-tokens 96]
+    python -m minimind_course.bench.disconnect_load [--model PATH] [--clients 64] [--disconnects 32] [--max-tokens 96]
 
 Every client streams a greedy chat completion of its own prompt. The clients that stay must receive exactly the
 text they get when run alone (computed first, one at a time). For every client that leaves, the stop latency is
@@ -21,12 +21,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-import httpx
+import openai
 
-from minimind_course.background import BackgroundServer
-from minimind_course.engine import Engine, RequestTrace
-from minimind_course.loadgen import DEFAULT_PROMPTS
-from minimind_course.server import create_app
+from minimind_course.launch import BackgroundServer
+from minimind_course.engine.engine import Engine, RequestTrace
+from minimind_course.bench.loadgen import DEFAULT_PROMPTS
+from minimind_course.bench.timing import TimedStream, timed_stream
+from minimind_course.serving.app import create_app
 
 MAX_STOP_LATENCY_S = 1.0  # issue 8: generation for a disconnected client stops within one second
 
@@ -57,18 +58,6 @@ class DisconnectLoadConfig:
     def leaving(self) -> set[int]:
         """The clients that disconnect, spread evenly over all of them (every other one for 32 of 64)."""
         return {k * self.clients // self.disconnects for k in range(self.disconnects)} if self.disconnects else set()
-
-
-@dataclass(frozen=True)
-class ClientResult:
-    """What one streaming client saw: the response id, the text, and when it hung up (``time.monotonic()``)."""
-
-    client: int
-    request_id: str
-    text: str
-    chunks: int
-    finish_reason: str | None
-    disconnected_at: float | None = None
 
 
 @dataclass
@@ -110,37 +99,13 @@ class DisconnectLoadReport:
 
 
 # ---- one client ----------------------------------------------------------------------------------------------
-async def stream_chat(http: httpx.AsyncClient, url: str, config: DisconnectLoadConfig, client: int,
-                      leave_after: int | None = None) -> ClientResult:
-    """Stream one greedy answer; with ``leave_after``, close the connection after that many text chunks."""
-    body = {"model": config.model, "messages": [{"role": "user", "content": config.prompt(client)}],
-            "max_tokens": config.max_tokens, "temperature": 0, "stream": True, "ignore_eos": config.ignore_eos}
-    request_id, text, chunks, finish_reason, disconnected_at = "", "", 0, None, None
-    async with http.stream("POST", url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"client {client}: error event {chunk['error']}")
-            request_id = chunk["id"]
-            for choice in chunk["choices"]:
-                delta = choice["delta"]
-                piece = (delta.get("reasoning_content") or "") + (delta.get("content") or "")
-                if piece:
-                    text, chunks = text + piece, chunks + 1
-                finish_reason = choice.get("finish_reason") or finish_reason
-            if leave_after is not None and chunks >= leave_after:
-                disconnected_at = time.monotonic()
-                break  # leaving the ``async with`` closes the unfinished response: the connection goes down
-    return ClientResult(client, request_id, text, chunks, finish_reason, disconnected_at)
-
-
-async def _one_client(url: str, config: DisconnectLoadConfig, client: int, leave_after: int | None) -> ClientResult:
-    """Each client has its own connection pool, like a laptop of its own."""
-    async with httpx.AsyncClient(timeout=config.timeout) as http:
-        return await stream_chat(http, url, config, client, leave_after)
+async def one_client(base_url: str, config: DisconnectLoadConfig, client: int, leave_after: int | None) -> TimedStream:
+    """Stream one greedy answer on a connection pool of its own (a laptop of its own); with ``leave_after``,
+    hang up after that many text chunks."""
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=0,
+                                  timeout=config.timeout) as api:
+        return await timed_stream(api, config.model, [{"role": "user", "content": config.prompt(client)}],
+                                  config.max_tokens, ignore_eos=config.ignore_eos, leave_after=leave_after)
 
 
 # ---- the server side: threads, tasks, engine -------------------------------------------------------------------
@@ -166,16 +131,16 @@ def wait_until_drained(server: BackgroundServer, engine: Engine, tasks_before: i
 # ---- the run -----------------------------------------------------------------------------------------------------
 def run_disconnect_load(server: BackgroundServer, engine: Engine, config: DisconnectLoadConfig) -> DisconnectLoadReport:
     """Solo answers first, then all clients at once; returns the figures and every broken check."""
-    url = server.base_url + "/v1/chat/completions"
+    url = server.base_url + "/v1"
     leaving = config.leaving()
     staying = [i for i in range(config.clients) if i not in leaving]
 
-    async def solo() -> dict[int, ClientResult]:
-        return {i: await _one_client(url, config, i, None) for i in staying}
+    async def solo() -> dict[int, TimedStream]:
+        return {i: await one_client(url, config, i, None) for i in staying}
 
-    async def together() -> list[ClientResult]:
+    async def together() -> list[TimedStream]:
         return await asyncio.gather(*(
-            _one_client(url, config, i, 1 + (i // 2) % config.chunks_before_disconnect if i in leaving else None)
+            one_client(url, config, i, 1 + (i // 2) % config.chunks_before_disconnect if i in leaving else None)
             for i in range(config.clients)))
 
     idle_tasks = server_task_count(server)
@@ -192,12 +157,14 @@ def run_disconnect_load(server: BackgroundServer, engine: Engine, config: Discon
         tasks_before=tasks_before, tasks_after=server_task_count(server),
         engine_busy_after={"active": int(engine.active is not None), "queued": engine.queued})
     traces = {trace.request_id: trace for trace in engine.traces()}
-    for result in results:
-        if result.client in leaving:
-            _check_leaver(result, traces.get(result.request_id), config, report)
-        elif result.text != alone[result.client].text or result.finish_reason != alone[result.client].finish_reason:
-            report.problems.append(f"client {result.client}: text differs from its solo answer "
-                                   f"({result.text!r} vs {alone[result.client].text!r})")
+    for client, result in enumerate(results):
+        if not result.ok or (client in alone and not alone[client].ok):
+            report.problems.append(f"client {client}: {result.error or alone[client].error}")
+        elif client in leaving:
+            _check_leaver(client, result, traces.get(result.request_id), config, report)
+        elif result.text != alone[client].text or result.finish_reason != alone[client].finish_reason:
+            report.problems.append(f"client {client}: text differs from its solo answer "
+                                   f"({result.text!r} vs {alone[client].text!r})")
     if report.threads_after > threads_before:  # a leak is more after than before
         report.problems.append(f"threads: {threads_before} before, {report.threads_after} after")
     if report.tasks_after > tasks_before:
@@ -207,27 +174,27 @@ def run_disconnect_load(server: BackgroundServer, engine: Engine, config: Discon
     return report
 
 
-def _check_leaver(result: ClientResult, trace: RequestTrace | None, config: DisconnectLoadConfig,
+def _check_leaver(client: int, result: TimedStream, trace: RequestTrace | None, config: DisconnectLoadConfig,
                   report: DisconnectLoadReport) -> None:
     """A client that hung up: its request was cancelled mid-answer, and stopped within the limit."""
-    if result.disconnected_at is None:
-        report.problems.append(f"client {result.client}: its answer ended after {result.chunks} chunks, before it left")
+    if result.left_at is None:
+        report.problems.append(f"client {client}: its answer ended after {result.chunks} chunks, before it left")
         return
     if trace is None:
-        report.problems.append(f"client {result.client}: no engine trace for {result.request_id}")
+        report.problems.append(f"client {client}: no engine trace for {result.request_id}")
         return
-    latency = trace.finished_at - result.disconnected_at
+    latency = trace.finished_at - result.left_at
     report.stop_latencies_s.append(latency)
     if trace.outcome != "cancelled" or trace.completion_tokens >= config.max_tokens:
-        report.problems.append(f"client {result.client}: left after {result.chunks} chunks but the engine says "
+        report.problems.append(f"client {client}: left after {result.chunks} chunks but the engine says "
                                f"{trace.outcome} after {trace.completion_tokens} tokens")
     if latency > MAX_STOP_LATENCY_S:
-        report.problems.append(f"client {result.client}: generation stopped {latency:.3f} s after the disconnect")
+        report.problems.append(f"client {client}: generation stopped {latency:.3f} s after the disconnect")
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minimind_course.disconnect_load", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m minimind_course.bench.disconnect_load", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model folder or .pth checkpoint (default: the bundled model)")
     parser.add_argument("--clients", type=int, default=64, help="concurrent streaming clients")
     parser.add_argument("--disconnects", type=int, default=32, help="how many of them close mid-answer")

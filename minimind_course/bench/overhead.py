@@ -9,19 +9,17 @@ their ratio, and time to the first text (TTFT) percentiles.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
-import httpx
+import openai
 
-from minimind_course.loadgen import percentile
+from minimind_course.bench.loadgen import percentile
+from minimind_course.bench.timing import timed_stream
+from minimind_course.launch import ServeProcess
 
 PROMPT = [{"role": "user", "content": "请介绍一下你自己。"}]
 
@@ -41,7 +39,7 @@ def rate(tokens: int, seconds: float) -> float:
 
 async def engine_request(engine, prompt_ids: list[int], max_tokens: int) -> tuple[float, float]:
     """One greedy request straight on the engine: (seconds to the first text, tokens/s over the whole request)."""
-    from minimind_course.sampling import SamplingParams
+    from minimind_course.engine.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -53,80 +51,43 @@ async def engine_request(engine, prompt_ids: list[int], max_tokens: int) -> tupl
     return (first or end) - start, rate(step.completion_tokens, end - start)
 
 
-def http_request(client: httpx.Client, max_tokens: int) -> tuple[float, float]:
-    """One streamed greedy chat request: (seconds to the first text, tokens/s over the whole request).
-
-    The end is ``[DONE]``, not the last text: with ignore_eos, tokens after an end-of-sequence carry no text."""
-    body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    first = None
-    tokens = 0
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[len("data: "):])
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    return (first or end) - start, rate(tokens, end - start)
-
-
-def start_server(model: str | None, threads: int | None) -> tuple[subprocess.Popen, httpx.Client]:
-    """``python -m minimind_course.serve`` on a free port, once /health answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "minimind_course.serve", "--port", str(port), "--log-level", "warning"]
-    command += ["--model", model] if model else []
-    command += ["--threads", str(threads)] if threads else []
-    server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            client.get("/health").raise_for_status()
-            return server, client
-        except httpx.TransportError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                client.close()
-                raise RuntimeError("the benchmark server did not start") from None
-            time.sleep(0.2)
+def http_request(client: openai.AsyncOpenAI, loop: asyncio.AbstractEventLoop, max_tokens: int) -> tuple[float, float]:
+    """One streamed greedy chat request (``bench.timing``): (seconds to the first text, tokens/s, whole request)."""
+    timed = loop.run_until_complete(timed_stream(client, "minimind", PROMPT, max_tokens, ignore_eos=True))
+    if not timed.ok:
+        raise RuntimeError(f"the HTTP request failed: {timed.error}")
+    return timed.ttft, rate(timed.output_tokens, timed.latency)
 
 
 def measure_overhead(config: OverheadConfig) -> dict[str, object]:
     """Run both sides, interleaved, and return the report (also what ``--out`` writes)."""
     import torch
 
-    from minimind_course.engine import Engine
+    from minimind_course.engine.engine import Engine
 
     if config.threads:
         torch.set_num_threads(config.threads)
     engine = Engine.from_pretrained(config.model)  # first: a bad model path fails here with a clear message
-    server, client = start_server(config.model, config.threads)
+    args = (["--model", config.model] if config.model else []) + (["--threads", str(config.threads)] if config.threads else [])
+    server = ServeProcess(args, startup_timeout=180).start()
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="not-needed", max_retries=0, timeout=300)
     loop = asyncio.new_event_loop()
     local_rate, http_rate, local_ttft, http_ttft = [], [], [], []
     try:
         prompt_ids = engine.encode(engine.chat_prompt(PROMPT))
         loop.run_until_complete(engine_request(engine, prompt_ids, 8))  # warm-up, both sides
-        http_request(client, 8)
+        http_request(client, loop, 8)
         for _ in range(config.runs):
             local_rate.append(loop.run_until_complete(engine_request(engine, prompt_ids, config.tokens))[1])
-            http_rate.append(http_request(client, config.tokens)[1])
+            http_rate.append(http_request(client, loop, config.tokens)[1])
         for _ in range(config.ttft_runs):
             local_ttft.append(1000 * loop.run_until_complete(engine_request(engine, prompt_ids, 2))[0])
-            http_ttft.append(1000 * http_request(client, 2)[0])
+            http_ttft.append(1000 * http_request(client, loop, 2)[0])
     finally:
+        loop.run_until_complete(client.close())
         loop.close()
         engine.close()
-        client.close()
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
     in_process = {"tok_s": statistics.median(local_rate), "ttft_ms_p50": percentile(local_ttft, 50)}
     http = {"tok_s": statistics.median(http_rate), "ttft_ms_p50": percentile(http_ttft, 50),
             "ttft_ms_p90": percentile(http_ttft, 90)}

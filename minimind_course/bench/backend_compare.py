@@ -1,6 +1,6 @@
 """Ask two OpenAI-compatible backends the same questions: greedy answers side by side, and a concurrency probe.
 
-Used by notebook 04 and ``tests/test_vllm.py`` to compare our FastAPI server with real vLLM serving the export.
+Used by notebook 05 and ``tests/test_vllm.py`` to compare our FastAPI server with real vLLM serving the export.
 Everything goes through the openai SDK, exactly as any client would talk to either server.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import openai
 
-from minimind_course.corpus_gen import EN_ASK, EN_GREET, EN_INTRO, ZH_ASK, ZH_GREET, ZH_INTRO, load_jsonl
+from minimind_course.training.corpus import EN_ASK, EN_GREET, EN_INTRO, ZH_ASK, ZH_GREET, ZH_INTRO, load_jsonl
 
 Messages = list[dict[str, str]]
 

@@ -1,7 +1,7 @@
 """ChatSession: a conversation with any OpenAI-compatible server (ours, vLLM), built on the official SDK.
 
 The server is stateless, so the session keeps the conversation and sends a window of it with every question
-(see :mod:`minimind_course.history`). Streaming yields content and ``reasoning_content`` deltas, skips the
+(see :mod:`minimind_course.client.history`). Streaming yields content and ``reasoning_content`` deltas, skips the
 final usage chunk (``choices == []``) after recording its token counts, and stores the pair only once the
 answer is complete.
 
@@ -24,7 +24,7 @@ from openai import OpenAI
 from openai.types import CompletionUsage
 from pydantic import BaseModel, Field, ValidationError, create_model
 
-from minimind_course.history import (
+from minimind_course.client.history import (
     Message,
     PromptTooLongError,
     QAPair,

@@ -1,6 +1,6 @@
 """The OpenAI wire format: request models (validated by pydantic) and the error envelope.
 
-Responses are built from the openai SDK's own types (``openai.types``) in ``server.py``, so what we send is
+Responses are built from the openai SDK's own types (``openai.types``) in ``serving/app.py``, so what we send is
 exactly what the official client parses. Requests accept every field real clients send; fields we do not
 use are ignored, fields we cannot honour get a clear 400 instead of being silently dropped.
 """
@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from jsonschema import Draft202012Validator, SchemaError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from minimind_course.sampling import SamplingParams
+from minimind_course.engine.sampling import SamplingParams
 
 MAX_N = 8  # choices per request; each one costs a full generation on the single worker
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit

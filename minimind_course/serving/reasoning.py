@@ -7,7 +7,7 @@ is complete, so streaming and non-streaming give exactly the same two strings.
 
 from __future__ import annotations
 
-from minimind_course.stop_strings import held_suffix_len
+from minimind_course.engine.stop_strings import held_suffix_len
 
 THINK_START = "<think>"
 THINK_END = "</think>"

@@ -4,8 +4,8 @@
 
 ``sweep`` (the default when no subcommand is named) drives the endpoint at each concurrency level with streamed,
 greedy, fixed-length requests and reports TTFT, inter-token latency and tokens/s; the measuring lives in
-``minimind_course.loadgen``. ``overhead`` compares our server over HTTP+SSE with the same engine in-process
-(``minimind_course.overhead``). Mistakes end with one line on stderr and exit status 1.
+``minimind_course.bench.loadgen``. ``overhead`` compares our server over HTTP+SSE with the same engine in-process
+(``minimind_course.bench.overhead``). Mistakes end with one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from minimind_course.loadgen import DEFAULT_CONCURRENCY, SweepConfig, format_table, sweep, sweep_report
-from minimind_course.overhead import OverheadConfig, format_overhead, measure_overhead
+from minimind_course.bench.loadgen import DEFAULT_CONCURRENCY, SweepConfig, format_table, sweep, sweep_report
+from minimind_course.bench.overhead import OverheadConfig, format_overhead, measure_overhead
 
 SUBCOMMANDS = ("sweep", "overhead")
 
@@ -131,7 +131,3 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "sweep")  # `bench --base-url ...` means `bench sweep --base-url ...`
     args = build_parser().parse_args(argv)
     return {"sweep": run_sweep, "overhead": run_overhead}[args.command](args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@ The templated part is the memory demo ("My name is X." ... "What is my name?", "
 with many random names, so the model learns to copy a name from the context instead of memorising names.
 Everything is drawn from one seeded ``random.Random``: the same seed gives the same corpus.
 
-    python -m minimind_course.corpus_gen --out corpus.jsonl --seed 0 --examples 2000
+    python -m minimind_course.training.corpus --out corpus.jsonl --seed 0 --examples 2000
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-CORPUS_DIR = Path(__file__).parent / "corpus"
+from minimind_course.paths import CORPUS_DIR
+
 
 # The memory demo, exactly as the course notebooks and eval use it.
 EN_INTRO = "My name is {name}."

@@ -1,0 +1,1 @@
+"""How MiniMind-Tiny is built and measured: corpus, tokenizer, training, evaluation (``make tiny-model``)."""
