@@ -111,9 +111,11 @@ def test_forced_call(request, backend, sdk, tool_choice, finish, stream):
     assert valid_arguments(choice.message.tool_calls[0].function.arguments)
 
 
-def test_json_object(backend, sdk):
+def test_json_object(request, backend, sdk):
     """Sampled: greedy, the tiny model (never trained on JSON) opens a key string and wanders in it until max_tokens.
     The grammar guarantees a valid prefix at every step, not that a model ends its strings."""
+    expect_vllm_difference(request, backend, "vLLM draws differently for the same seed: its object does not end "
+                                             "within 60 tokens")
     answer = sdk.chat.completions.create(model=backend[1], messages=USER, response_format={"type": "json_object"},
                                          max_tokens=60, seed=2, temperature=1.0)
     assert answer.choices[0].finish_reason == "stop"
@@ -147,8 +149,8 @@ def test_langchain_bind_tools_and_structured_output(request, backend):
                      max_retries=0, timeout=120)
     person = llm.with_structured_output(Person, method="json_schema").invoke([HumanMessage("介绍一个人")])
     assert isinstance(person, Person)
+    expect_vllm_difference(request, backend, VLLM_ARGUMENTS + "; LangChain then fails to build the AIMessage")
     message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke([HumanMessage(USER[0]["content"])])
-    expect_vllm_difference(request, backend, VLLM_ARGUMENTS)
     assert [call["name"] for call in message.tool_calls] == ["get_weather"]
     assert set(message.tool_calls[0]["args"]) == {"city", "unit"}
     streamed = None
