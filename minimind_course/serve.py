@@ -38,7 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cors-origins", default="*",
                         help="comma-separated origins browsers may call from (default: *)")
     parser.add_argument("--max-queue", type=int, default=64,
-                        help="requests that may wait while one is generated; more get HTTP 429")
+                        help="requests that may wait for a seat in the running batch; more get HTTP 429")
+    parser.add_argument("--max-num-seqs", type=int, default=32,
+                        help="sequences decoded together in one batch (n choices count n); vLLM's flag of the same "
+                        "name (also passed to --backend vllm)")
+    parser.add_argument("--kv-cache-memory", type=int, default=512, metavar="MIB",
+                        help="MiB of KV cache (blocks of 16 tokens); a request waits until its prompt fits")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=256,
+                        help="prompt tokens prefilled per step: longer prompts are chunked so running streams "
+                        "keep flowing (vLLM's chunked prefill); set it to --max-model-len to turn chunking off")
     parser.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
                         help="largest request body accepted; larger ones get HTTP 413")
     parser.add_argument("--threads", type=int, default=None,
@@ -50,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.cors_origins = [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()]
+    for flag in ("max_num_seqs", "kv_cache_memory", "max_num_batched_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
 
 
@@ -70,19 +82,26 @@ def serve_minimind(args: argparse.Namespace) -> int:
     import torch
 
     from minimind_course.engine.engine import Engine
+    from minimind_course.model.loading import load_model
     from minimind_course.serving.app import create_app
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                                        max_model_len=args.max_model_len, max_queue=args.max_queue)
+        model, tokenizer = load_model(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
     except Exception as err:  # any load failure is reported as one line: path, format, device, dtype...
         sock.close()
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if args.model and args.model not in message:  # e.g. safetensors' "header too large" names no file
             message = f"{args.model}: {message}"
         raise SystemExit(f"error: cannot load the model: {message}") from None
+    try:
+        engine = Engine(model, tokenizer, max_model_len=args.max_model_len, max_queue=args.max_queue,
+                        max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory * 2**20,
+                        max_num_batched_tokens=args.max_num_batched_tokens)
+    except ValueError as err:  # a KV cache too small for one max_model_len sequence, a bad max_model_len
+        sock.close()
+        raise SystemExit(f"error: {err}") from None
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      cors_origins=args.cors_origins, max_body_bytes=args.max_body_bytes)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host

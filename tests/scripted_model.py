@@ -31,22 +31,26 @@ class ScriptedLM(nn.Module):
         self.script = script
         self.vocab_size = vocab_size
         self.step_delay = step_delay
-        self.config = SimpleNamespace(max_position_embeddings=max_len, eos_token_id=None)
+        self.config = SimpleNamespace(max_position_embeddings=max_len, eos_token_id=None, num_hidden_layers=1,
+                                      num_attention_heads=1, num_key_value_heads=1, head_dim=1)
+        self.prompt_lens: dict[int, int] = {}  # first cache slot of a sequence -> its prompt length
         self.anchor = nn.Parameter(torch.zeros(1))
 
     @property
     def device(self) -> torch.device:
         return self.anchor.device
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids, position_ids, past_key_values, logits_to_keep=0, **kwargs):
+        """Rows are sequences of the engine's batch; a row's next token is script[tokens generated so far]."""
         time.sleep(self.step_delay)
         if (input_ids == self.FAIL_TOKEN).any():
             raise RuntimeError("scripted failure")
-        if past_key_values is None:  # prefill: remember where the prompt ended
-            past_key_values = {"prompt_len": input_ids.shape[1], "seen": input_ids.shape[1]}
-        else:
-            past_key_values["seen"] += input_ids.shape[1]
-        position = min(past_key_values["seen"] - past_key_values["prompt_len"], len(self.script) - 1)
         logits = torch.full((input_ids.shape[0], 1, self.vocab_size), -1e4)
-        logits[:, :, self.script[position]] = 0.0
+        for row, (positions, table) in enumerate(zip(position_ids.tolist(), past_key_values.block_tables.tolist())):
+            if positions[0] == 0:  # first prefill chunk: the row starts a sequence, keyed by its first block
+                self.prompt_lens[table[0]] = positions[-1] + 1
+            elif positions[-1] + 1 > self.prompt_lens[table[0]] and len(positions) > 1:
+                self.prompt_lens[table[0]] = positions[-1] + 1  # a later chunk of the same prompt
+            generated = positions[-1] + 1 - self.prompt_lens[table[0]]
+            logits[row, :, self.script[min(generated, len(self.script) - 1)]] = 0.0
         return SimpleNamespace(logits=logits, past_key_values=past_key_values)

@@ -97,12 +97,13 @@ def test_cancel_frees_the_worker_at_once(tokenizer):
 
 
 def test_full_queue_is_refused_not_grown(tokenizer):
-    engine = scripted_engine(tokenizer, [5], step_delay=0.01, max_queue=1)
+    """Requests beyond the running seats (one here) wait in the bounded queue; past its size they are refused."""
+    engine = scripted_engine(tokenizer, [5], step_delay=0.01, max_queue=1, max_num_seqs=1)
 
     async def flood():
         params = SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)
         running = engine.submit([1], params)
-        await running.__aiter__().__anext__()  # the worker has taken it: the queue is empty again
+        await running.__aiter__().__anext__()  # the worker runs it: the queue is empty, the only seat taken
         waiting = engine.submit([1], params)
         with pytest.raises(EngineBusyError):
             engine.submit([1], params)

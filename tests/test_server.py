@@ -35,11 +35,12 @@ def scripted_server(engine):
     """Start a server whose model emits a given text (as single UTF-8 bytes) then end-of-sequence."""
     running = []
 
-    def start(text: str, *, step_delay: float = 0.0, eos: bool = True, max_queue: int = 8, tokenizer=None) -> str:
+    def start(text: str, *, step_delay: float = 0.0, eos: bool = True, max_queue: int = 8, max_num_seqs: int = 32,
+              tokenizer=None) -> str:
         tokenizer = tokenizer or engine.tokenizer
         script = byte_tokens(tokenizer, text) + ([tokenizer.eos_token_id] if eos else [])
         model = ScriptedLM(script, len(tokenizer), step_delay=step_delay)
-        scripted = Engine(model, tokenizer, max_queue=max_queue)
+        scripted = Engine(model, tokenizer, max_queue=max_queue, max_num_seqs=max_num_seqs)
         server = BackgroundServer(create_app(scripted)).start()
         running.append((server, scripted))
         return server.base_url + "/v1"
@@ -207,13 +208,14 @@ def test_bodies_above_the_limit_are_413_with_or_without_content_length(make_serv
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_full_queue_answers_429(scripted_server):
-    url = scripted_server("慢", step_delay=0.01, eos=False, max_queue=1) + "/chat/completions"  # endless, slow
+    # endless and slow, one seat in the batch: the second request waits in the queue, the third is refused
+    url = scripted_server("慢", step_delay=0.01, eos=False, max_queue=1, max_num_seqs=1) + "/chat/completions"
     body = {"messages": CHINESE, "max_tokens": 1000, "stream": True}
     async with httpx.AsyncClient(timeout=60) as client:
         async with client.stream("POST", url, json=body) as running:
             lines = running.aiter_lines()
             while '"content":"慢' not in await lines.__anext__():  # the role chunk comes before generation
-                pass  # now generating: the worker took it off the queue
+                pass  # now generating: it holds the only seat
             waiting = asyncio.ensure_future(client.post(url, json={**body, "stream": False}))
             for _ in range(100):  # until the second request sits in the queue
                 await asyncio.sleep(0.02)

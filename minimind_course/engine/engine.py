@@ -1,21 +1,23 @@
-"""The generation engine: one worker thread runs the model, requests wait their turn in a bounded FIFO queue.
+"""The generation engine: continuous batching on one worker thread, requests wait in a bounded FIFO queue.
 
-Why this shape: a CPU laptop has one model and a few cores, so requests are served one at a time (no
-continuous batching as in vLLM), but never on the asyncio event loop, so the server keeps answering
-``/health``, streams other bytes and notices disconnects while the model works. A full queue is refused at
-once (the server turns that into HTTP 429) instead of letting waiting times grow without bound.
+Every step is one forward pass over all running sequences (plus prompt chunks of newly admitted ones), so 16
+users cost little more than one: a decode step reads every weight once whatever the batch size. A request joins
+the batch at the next step once a seat (``max_num_seqs``) and KV blocks are free; a sequence that finishes, hits
+a stop string or is cancelled leaves at once. A full queue is refused at once (the server turns that into HTTP
+429). The worker never runs on the asyncio event loop, so the server keeps answering while the model works.
 
-The decode loop is our own rather than ``model.generate``: it checks a cancel flag before every token (a
-closed stream frees the worker at once), hands out every token as soon as it exists (no streamer thread),
-draws from a per-request ``torch.Generator`` (``seed`` is reproducible; ``generate`` uses the global RNG),
-and applies OpenAI's presence/frequency penalties. The logits pipeline itself is made of HF processors.
+The pieces live next to this module in the style of nano-vllm: ``sequence`` (a request and its
+sequences), ``kv_cache`` (paged keys/values), ``scheduler`` (who runs next, chunked prefill, preemption) and
+``runner`` (the forward pass). This module turns logits into tokens and text and hands them to the callers.
+Sampling is per sequence: HF logits processors, a private ``torch.Generator`` per choice (``seed`` reproduces
+the same text whatever else runs), OpenAI's penalties, stop strings and an optional constraint hook.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import queue
+import itertools
 import threading
 import time
 import uuid
@@ -23,34 +25,23 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from minimind_course.engine.detokenize import IncrementalDetokenizer
+from minimind_course.engine.kv_cache import KVCache
+from minimind_course.engine.runner import ModelRunner
 from minimind_course.engine.sampling import SamplingParams, build_logits_pipeline, make_generator, next_tokens
+from minimind_course.engine.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, Scheduler
+from minimind_course.engine.sequence import Constraint, Request, Sequence
 from minimind_course.engine.stop_strings import StopStringMatcher
 
 DEFAULT_MAX_QUEUE = 64
+DEFAULT_KV_CACHE_MEMORY = 512 * 2**20  # bytes; the bundled model needs 4 KiB per token (fp32)
 TRACE_HISTORY = 1024  # how many finished requests ``Engine.traces()`` remembers
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
-
-
-class Constraint(Protocol):
-    """A per-sequence decoding constraint (e.g. a grammar): masks logits before the draw, follows the drawn token."""
-
-    def apply(self, logits: torch.Tensor) -> None:
-        """Set disallowed tokens of a 1-D logits row to -inf, in place (before the sampling processors)."""
-
-    def accept(self, token_id: int) -> None:
-        """Advance by the token drawn for this sequence."""
-
-    def done(self) -> bool:
-        """True when the sequence is complete: it finishes with "stop"."""
-
-
-ConstraintFactory = Callable[[], Constraint]  # called once per choice: each of n choices has its own state
 
 
 class EngineBusyError(RuntimeError):
@@ -73,6 +64,14 @@ class ContextLengthError(ValueError):
 
 class PromptError(ValueError):
     """The messages could not be turned into a prompt (bad role order, bad template argument...)."""
+
+
+class RequestTooLargeError(ValueError):
+    """The request can never be scheduled (more choices than seats, or prompts bigger than the KV cache)."""
+
+    def __init__(self, message: str, param: str):
+        self.param = param
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,7 @@ class GenerationHandle:
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancelled_at: float | None = None
-    constraint: ConstraintFactory | None = None
+    constraint: Constraint | Callable[[], Constraint] | None = None
 
     def cancel(self) -> None:
         if self.cancelled_at is None:
@@ -219,8 +218,37 @@ class GenerationHandle:
         return GenerationResult(texts, reasons, step.prompt_tokens, step.completion_tokens, logprobs)
 
 
+@dataclass(frozen=True)
+class FinishedRequestStats:
+    """One request that ended normally, for metrics: latency from arrival, finish reason, token counts."""
+
+    e2e_latency_s: float
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class StepStats:
+    """What one engine step did, handed to ``Engine.stats_listeners`` (the Prometheus metrics read these)."""
+
+    prompt_tokens: int = 0  # prompts whose prefill completed in this step
+    generation_tokens: int = 0
+    time_to_first_token_s: list[float] = field(default_factory=list)
+    inter_token_latency_s: list[float] = field(default_factory=list)
+    finished: list[FinishedRequestStats] = field(default_factory=list)
+    preemptions: int = 0
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index``: the request's seed for the first, a distinct mix of both for the others."""
+    if seed is None or index == 0:
+        return seed
+    return hash((seed, index)) & (2**63 - 1)
+
+
 class Engine:
-    """A causal LM and its tokenizer behind a single worker thread and a bounded FIFO queue."""
+    """A causal LM and its tokenizer behind one worker thread that batches all running requests."""
 
     def __init__(
         self,
@@ -229,20 +257,39 @@ class Engine:
         *,
         max_model_len: int | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
     ):
+        """``max_num_seqs``: sequences decoded together; ``kv_cache_memory``: bytes of keys/values (blocks of
+        16 tokens); ``max_num_batched_tokens``: prompt tokens prefilled per step (longer prompts are chunked)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         context = getattr(model.config, "max_position_embeddings", None) or 2048
         if max_model_len is not None and not 0 < max_model_len <= context:
             raise ValueError(f"max_model_len must be between 1 and the model's max_position_embeddings ({context})")
         self.max_model_len = max_model_len or context
+        dtype = next(model.parameters()).dtype
+        self.kv_cache = KVCache(model.config, kv_cache_memory, dtype=dtype, device=model.device)
+        if self.kv_cache.capacity_tokens < self.max_model_len:
+            raise ValueError(
+                f"a KV cache of {kv_cache_memory / 2**20:.0f} MiB holds {self.kv_cache.capacity_tokens} tokens, "
+                f"fewer than one sequence of max_model_len {self.max_model_len}: give it more memory or lower "
+                "max_model_len")
+        self.scheduler = Scheduler(self.kv_cache, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache)
         self.eos_token_ids = self._eos_ids()
         self.sampling_defaults = self._generation_config_defaults()
+        self.stats_listeners: list[Callable[[StepStats], None]] = []
         self._template_reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters)
-        self.active: GenerationHandle | None = None  # the request the worker is generating right now
+        self._requests: list[Request] = []  # admitted and not yet ended, in admission order
+        self._seq_ids = itertools.count()
         self._traces: deque[RequestTrace] = deque(maxlen=TRACE_HISTORY)
         self._traces_lock = threading.Lock()
-        self._jobs: queue.Queue[GenerationHandle | None] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._waiting: deque[GenerationHandle] = deque()  # the bounded FIFO queue, guarded by _wake
+        self._wake = threading.Condition()
+        self._closing = False
         self._worker = threading.Thread(target=self._serve_forever, name="minimind-engine", daemon=True)
         self._worker.start()
 
@@ -295,27 +342,52 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         request_id: str | None = None,
-        constraint: ConstraintFactory | None = None,
+        *,
+        constraint: Constraint | Callable[[], Constraint] | None = None,
     ) -> GenerationHandle:
         """Queue a request (call from the event loop); raises EngineBusyError when the queue is full.
-        ``constraint`` makes one ``Constraint`` per choice (grammar-constrained decoding)."""
+
+        ``constraint`` limits which tokens each choice may take (see ``engine.sequence.Constraint``): an
+        object with ``apply``/``accept``/``done`` when ``n == 1``, or a zero-argument factory that makes one
+        per choice (required when ``n > 1``, since every choice walks its own state)."""
         if not prompt_ids:
             raise PromptError("the prompt is empty")
+        if constraint is not None and params.n > 1 and hasattr(constraint, "apply"):
+            raise ValueError("with n > 1, pass a zero-argument factory that makes one constraint per choice")
+        if params.n > self.scheduler.max_num_seqs:
+            raise RequestTooLargeError(
+                f"n={params.n} is more than the {self.scheduler.max_num_seqs} sequences this server runs at once",
+                "n")
+        if params.n * self.kv_cache.blocks_for(len(prompt_ids) + 1) > self.kv_cache.num_blocks:
+            raise RequestTooLargeError(
+                f"{params.n} copies of a {len(prompt_ids)}-token prompt do not fit in the KV cache "
+                f"({self.kv_cache.capacity_tokens} tokens)", "n")
         handle = GenerationHandle(list(prompt_ids), params, asyncio.get_running_loop(), constraint=constraint)
         if request_id is not None:
             handle.request_id = request_id
-        try:
-            self._jobs.put_nowait(handle)
-        except queue.Full:
-            raise EngineBusyError(
-                f"The server is busy: {self._jobs.maxsize} requests are already waiting. Retry shortly."
-            ) from None
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise EngineBusyError(
+                    f"The server is busy: {self.max_queue} requests are already waiting. Retry shortly.")
+            self._waiting.append(handle)
+            self._wake.notify()
         return handle
 
     @property
     def queued(self) -> int:
-        """Requests waiting for the worker (not counting the one it is running)."""
-        return self._jobs.qsize()
+        """Requests waiting for a seat in the batch (not counting the running ones)."""
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests in the running batch (a request with ``n`` choices counts once)."""
+        return len(self._requests)
+
+    @property
+    def active(self) -> GenerationHandle | None:
+        """A request the worker is generating right now (the oldest running one), None when idle."""
+        running = list(self._requests)
+        return running[0].handle if running else None
 
     def traces(self) -> list[RequestTrace]:
         """The last ``TRACE_HISTORY`` requests the worker let go of, oldest first (how and when each ended)."""
@@ -323,83 +395,181 @@ class Engine:
             return list(self._traces)
 
     def close(self) -> None:
-        """Stop the worker after the request it is running; queued requests are dropped."""
-        while True:
-            try:
-                self._jobs.get_nowait().cancel()
-            except (queue.Empty, AttributeError):
-                break
-        self._jobs.put(None)
+        """Stop the worker after its current step; queued and running requests are cancelled."""
+        with self._wake:
+            for handle in [*self._waiting, *(request.handle for request in list(self._requests))]:
+                handle.cancel()
+            self._closing = True
+            self._wake.notify()
         self._worker.join(timeout=30)
 
     # ---- the worker thread ---------------------------------------------------------------------------
     def _serve_forever(self) -> None:
-        while (handle := self._jobs.get()) is not None:
-            if handle.cancelled.is_set():  # its client left while it waited
-                self._record(handle, "skipped", 0)
-                continue
-            self.active = handle
-            outcome, tokens = "failed", 0
+        while self._admit():
+            if self.scheduler.num_seqs:
+                try:
+                    self._step()
+                except Exception as err:  # a bug in the engine itself: end every running request, keep serving
+                    for request in list(self._requests):
+                        self._end(request, "failed", err)
+
+    def _admit(self) -> bool:
+        """Move queued requests into the batch while seats and blocks allow; wait when there is nothing to do.
+        Returns False when ``close`` asked the worker to stop."""
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closing and not self.scheduler.num_seqs:
+                    self._wake.wait()
+                if self._closing:
+                    return False
+                left = [handle for handle in self._waiting if handle.cancelled.is_set()]
+                for handle in left:  # clients that left while waiting free their place in the queue at once
+                    self._waiting.remove(handle)
+                    self._record(handle, "skipped", 0)
+                if not self._waiting:
+                    return True
+                handle = self._waiting[0]
+                if not self.scheduler.can_admit(len(handle.prompt_ids), handle.params.n):
+                    return True  # it stays first in line until sequences leave
+                self._waiting.popleft()
             try:
-                outcome, tokens = self._generate(handle)
-            except Exception as err:  # a bug or out-of-memory must not kill the worker
+                request = self._new_request(handle)
+            except Exception as err:  # e.g. a constraint factory that raised
                 handle.send(err)
-            finally:
-                self.active = None
-                self._record(handle, outcome, tokens)
+                self._record(handle, "failed", 0)
+                continue
+            self.scheduler.add(request)
+            self._requests.append(request)
+
+    def _new_request(self, handle: GenerationHandle) -> Request:
+        params, prompt_len = handle.params, len(handle.prompt_ids)
+        request = Request(handle, params, build_logits_pipeline(params, prompt_len), prompt_len)
+        constraint = handle.constraint
+        for index in range(params.n):
+            own = constraint() if constraint is not None and not hasattr(constraint, "apply") else constraint
+            request.sequences.append(Sequence(
+                next(self._seq_ids), request, index, list(handle.prompt_ids),
+                make_generator(choice_seed(params.seed, index), self.runner.device),
+                IncrementalDetokenizer(self.tokenizer), StopStringMatcher(params.stop), own))
+        return request
+
+    def _step(self) -> None:
+        """Drop cancelled requests, run the scheduled prefill chunks and the decode batch, sample, hand out."""
+        for request in list(self._requests):
+            if request.handle.cancelled.is_set():
+                self._end(request, "cancelled")
+        plan = self.scheduler.schedule()
+        stats = StepStats(preemptions=plan.preempted)
+        ready: list[tuple[Sequence, torch.Tensor]] = []
+        for rows, chunk in plan.prefills:
+            ready += self._forward(rows, chunk)
+        if plan.decodes:
+            ready += self._forward(plan.decodes, 1)
+        if ready:
+            self._sample(ready, stats)
+        for listener in self.stats_listeners:
+            listener(stats)
+
+    def _forward(self, seqs: list[Sequence], query_len: int) -> list[tuple[Sequence, torch.Tensor]]:
+        """Run one pass; rows whose tokens are all computed come back with their logits. When a pass with
+        several requests fails, each request's rows run alone, so only the one at fault ends with the error
+        (rewriting the same cache slots is harmless)."""
+        try:
+            logits = self.runner.forward(seqs, query_len)
+        except Exception as err:
+            requests = list(dict.fromkeys(seq.request for seq in seqs))
+            if len(requests) == 1:
+                self._end(requests[0], "failed", err)
+                return []
+            return [pair for request in requests
+                    for pair in self._forward([seq for seq in seqs if seq.request is request], query_len)]
+        for seq in seqs:
+            seq.num_computed += query_len
+        return [(seq, logits[i]) for i, seq in enumerate(seqs) if seq.uncomputed == 0]
+
+    def _sample(self, ready: list[tuple[Sequence, torch.Tensor]], stats: StepStats) -> None:
+        """Pick each row's next token (one argmax for all plain greedy rows), turn it into text, send the steps."""
+        logits = torch.stack([row for _, row in ready])
+        tokens: list[int | None] = [None] * len(ready)
+        plain = [i for i, (seq, _) in enumerate(ready) if seq.request.simple_greedy]
+        if plain:
+            for i, token in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+                tokens[i] = token
+        deltas: dict[Request, list[ChoiceDelta]] = {}
+        now = time.monotonic()
+        for i, (seq, row) in enumerate(ready):
+            request = seq.request
+            if request not in self._requests:
+                continue  # ended by an error on an earlier row of this step
+            try:
+                delta = self._append(seq, tokens[i], row)
+            except Exception as err:  # its constraint or sampling failed: only this request ends
+                self._end(request, "failed", err)
+                continue
+            deltas.setdefault(request, [])
+            stats.generation_tokens += 1
+            if delta is not None:
+                deltas[request].append(delta)
+        for request, items in deltas.items():
+            if request not in self._requests:
+                continue
+            if request.first_token_at is None:
+                request.first_token_at = now
+                stats.prompt_tokens += request.prompt_len
+                stats.time_to_first_token_s.append(now - request.arrived)
+            else:
+                stats.inter_token_latency_s.append(now - request.last_token_at)
+            request.last_token_at = now
+            finished = request.finished
+            items.sort(key=lambda delta: delta.index)
+            request.handle.send(StepOutput(items, request.prompt_len, request.completion_tokens, finished))
+            if finished:
+                reason = next(seq.finish_reason for seq in request.sequences)
+                stats.finished.append(FinishedRequestStats(now - request.arrived, reason, request.prompt_len,
+                                                           request.completion_tokens))
+                self._end(request, "finished")
+
+    def _append(self, seq: Sequence, token: int | None, logits: torch.Tensor) -> ChoiceDelta | None:
+        """Choose (unless already chosen) and append one token to a sequence; its new text and finish reason."""
+        params = seq.request.params
+        logprob = None
+        if token is None:
+            scores = logits[None].float().clone()
+            if seq.constraint is not None:
+                seq.constraint.apply(scores[0])
+            ids = torch.tensor([seq.token_ids], device=scores.device)
+            token = int(next_tokens(params, seq.request.pipeline, ids, scores, seq.generator)[0])
+            if params.logprobs is not None:
+                logprob = token_logprobs(logits[None], torch.tensor([token]), params.logprobs)[0]
+        seq.token_ids.append(token)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+        text, reason = self._advance(token, seq.detokenizer, seq.matcher, seq.num_generated, params)
+        if reason is None and seq.constraint is not None and seq.constraint.done():
+            text += seq.matcher.push(seq.detokenizer.flush()) + seq.matcher.flush()
+            reason = "stop"
+        if reason:
+            seq.finish_reason = reason
+            self.scheduler.remove(seq)  # it leaves the batch now and its blocks are free for others
+        if text or reason or logprob:
+            return ChoiceDelta(seq.index, text, reason, (logprob,) if logprob else ())
+        return None
+
+    def _end(self, request: Request, outcome: str, error: BaseException | None = None) -> None:
+        """Take a request out of the worker: free its sequences, tell its caller about an error, trace it."""
+        for seq in request.sequences:
+            self.scheduler.remove(seq)
+        if request in self._requests:
+            self._requests.remove(request)
+        if error is not None:
+            request.handle.send(error)
+        self._record(request.handle, outcome, request.completion_tokens)
 
     def _record(self, handle: GenerationHandle, outcome: str, completion_tokens: int) -> None:
         cancelled_at = handle.cancelled_at if outcome in ("cancelled", "skipped") else None
         trace = RequestTrace(handle.request_id, outcome, completion_tokens, cancelled_at, time.monotonic())
         with self._traces_lock:
             self._traces.append(trace)
-
-    @torch.inference_mode()
-    def _generate(self, handle: GenerationHandle) -> tuple[str, int]:
-        """Prefill the prompt once, then decode token by token with the KV cache until every choice ends.
-        Returns "finished" or "cancelled" and the number of tokens generated."""
-        params, prompt_len = handle.params, len(handle.prompt_ids)
-        device = self.model.device
-        sequences = torch.tensor([handle.prompt_ids] * params.n, dtype=torch.long, device=device)
-        pipeline = build_logits_pipeline(params, prompt_len)
-        generator = make_generator(params.seed, device)
-        detokenizers = [IncrementalDetokenizer(self.tokenizer) for _ in range(params.n)]
-        matchers = [StopStringMatcher(params.stop) for _ in range(params.n)]
-        constraints = [handle.constraint() for _ in range(params.n)] if handle.constraint else None
-        finish: list[str | None] = [None] * params.n
-        generated = [0] * params.n
-
-        out = self.model(input_ids=sequences, use_cache=True, logits_to_keep=1)
-        while not handle.cancelled.is_set():
-            logits = out.logits[:, -1, :]
-            scores = logits
-            if constraints:  # mask a copy: logprobs still report the model's own distribution
-                scores = logits.float().clone()
-                for i, constraint in enumerate(constraints):
-                    if not finish[i]:
-                        constraint.apply(scores[i])
-            tokens = next_tokens(params, pipeline, sequences, scores, generator)
-            logprobs = token_logprobs(logits, tokens, params.logprobs) if params.logprobs is not None else None
-            sequences = torch.cat([sequences, tokens[:, None]], dim=1)
-            deltas = []
-            for i, token in enumerate(tokens.tolist()):
-                if finish[i]:
-                    continue
-                generated[i] += 1
-                if constraints:
-                    constraints[i].accept(token)
-                text, finish[i] = self._advance(token, detokenizers[i], matchers[i], generated[i], params)
-                if constraints and not finish[i] and constraints[i].done():
-                    text += matchers[i].push(detokenizers[i].flush()) + matchers[i].flush()
-                    finish[i] = "stop"
-                if text or finish[i] or logprobs:
-                    deltas.append(ChoiceDelta(i, text, finish[i], (logprobs[i],) if logprobs else ()))
-            done = all(finish)
-            handle.send(StepOutput(deltas, prompt_len, sum(generated), done))
-            if done:
-                return "finished", sum(generated)
-            out = self.model(input_ids=tokens[:, None], past_key_values=out.past_key_values, use_cache=True)
-        return "cancelled", sum(generated)
 
     def _advance(
         self, token: int, detok: IncrementalDetokenizer, matcher: StopStringMatcher, count: int, params: SamplingParams

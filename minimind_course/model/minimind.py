@@ -219,7 +219,10 @@ class MiniMindModel(MiniMindPreTrainedModel):
             position_ids = torch.arange(past, past + seq, device=input_ids.device)[None]
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        mask = causal_mask(attention_mask, seq, past + seq, x.device)
+        if attention_mask is not None and attention_mask.dim() == 4:  # a ready [batch, 1, q, kv] mask (batching)
+            mask = attention_mask
+        else:
+            mask = causal_mask(attention_mask, seq, past + seq, x.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, past_key_values)
         return self.norm(x), past_key_values

@@ -3,6 +3,7 @@
 | route | what it does |
 |---|---|
 | ``GET /health`` | ``{"status": "ok", "queued": N}``, even while the engine is busy; never needs the API key |
+| ``GET /metrics`` | Prometheus text format under vLLM's metric names (``metrics``); no API key, as in vLLM |
 | ``GET /v1/models`` | the served name(s) with ``max_model_len`` |
 | ``POST /v1/chat/completions`` | chat template (with tools) → grammar if the answer is forced → queue → ``chat.completion`` or an SSE stream of chunks |
 | ``POST /v1/completions`` | the same without the template (a string or token ids) |
@@ -22,18 +23,24 @@ from openai.types import Model
 from starlette.background import BackgroundTask
 
 from minimind_course.engine.engine import (
-    ConstraintFactory,
     ContextLengthError,
     Engine,
     EngineBusyError,
     GenerationHandle,
     GenerationResult,
     PromptError,
+    RequestTooLargeError,
 )
+from minimind_course.serving.metrics import CONTENT_TYPE, EngineMetrics
 from minimind_course.serving.middleware import DEFAULT_MAX_BODY_BYTES, add_error_handlers, add_middleware
 from minimind_course.serving.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from minimind_course.serving.reasoning import THINK_START
-from minimind_course.serving.structured_output import GrammarError, StructuredOutput, request_grammar
+from minimind_course.serving.structured_output import (
+    ConstraintFactory,
+    GrammarError,
+    StructuredOutput,
+    request_grammar,
+)
 from minimind_course.serving.responses import (
     SSE_HEADERS,
     ChatRenderer,
@@ -64,6 +71,7 @@ def create_app(
     app.state.started = int(time.time())
     token_text = TokenText(engine.tokenizer)
     grammars: list[StructuredOutput] = []  # built on the first request that needs one (reads the whole vocabulary)
+    metrics = EngineMetrics(engine, names[0])
     add_error_handlers(app)
 
     def check_model(requested: str | None) -> str:
@@ -74,6 +82,10 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, object]:
         return {"status": "ok", "queued": engine.queued}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, object]:
@@ -159,9 +171,11 @@ def _submit(engine: Engine, prompt_ids: list[int], body: ChatCompletionRequest |
     try:
         budget = engine.completion_budget(len(prompt_ids), body.requested_max_tokens())
         return engine.submit(prompt_ids, body.sampling_params(budget, engine.sampling_defaults), request_id,
-                             constraint)
+                             constraint=constraint)
     except ContextLengthError as err:
         raise OpenAIError(400, str(err), "messages" if isinstance(body, ChatCompletionRequest) else "prompt") from err
+    except RequestTooLargeError as err:
+        raise OpenAIError(400, str(err), err.param) from err
     except EngineBusyError as err:
         raise OpenAIError(429, str(err)) from err
 

@@ -60,6 +60,9 @@ class GrammarConstraint:
         return self.matcher.is_terminated()
 
 
+ConstraintFactory = Callable[[], GrammarConstraint]  # the engine calls it once per choice (n > 1: one state each)
+
+
 class StructuredOutput:
     """Compiles request grammars for one tokenizer (xgrammar caches compiled grammars by their text)."""
 
@@ -69,7 +72,7 @@ class StructuredOutput:
                                                   stop_token_ids=sorted(stop_token_ids))
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
 
-    def factory(self, grammar: xgr.Grammar) -> Callable[[], GrammarConstraint]:
+    def factory(self, grammar: xgr.Grammar) -> ConstraintFactory:
         """Compile once; the returned callable makes a fresh constraint for each sequence (each of ``n`` choices)."""
         try:
             compiled = self.compiler.compile_grammar(grammar)

@@ -179,6 +179,7 @@ def serve_vllm(args) -> int:
         cors_origins=args.cors_origins,
         dtype=dtype,
         inherit_output=True,
+        extra_args=["--max-num-seqs", str(args.max_num_seqs)] if getattr(args, "max_num_seqs", None) else [],
         startup_timeout=float("inf"),  # vLLM logs its own progress; Ctrl-C stops the wait
     )
     print(f"exported model: {model_dir}\nstarting: {' '.join(server.command)}", file=sys.stderr, flush=True)

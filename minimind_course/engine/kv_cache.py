@@ -1,0 +1,109 @@
+"""The paged KV cache: fixed-size blocks of token slots, a free list, and a block table per sequence.
+
+vLLM's PagedAttention idea in plain PyTorch. Per layer, keys and values live in one tensor of
+``num_blocks * block_size`` token slots. A sequence owns a list of blocks (its block table); token ``t`` of
+that sequence sits in slot ``block_table[t // block_size] * block_size + t % block_size``. Memory is allocated
+once, bounded by a byte budget, and a sequence takes blocks as it grows, so short answers do not reserve room
+for the longest possible one. Attention reads a row's context by gathering its blocks into one tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take over all layers: 2 x layers x kv_heads x head_dim x dtype size."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+
+
+class KVCache:
+    """Keys and values of every running sequence, in blocks; ``allocate``/``free`` manage the free list."""
+
+    def __init__(self, config, memory_bytes: int, *, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 block_size: int = DEFAULT_BLOCK_SIZE):
+        self.block_size = block_size
+        self.bytes_per_block = kv_bytes_per_token(config, dtype) * block_size
+        self.num_blocks = memory_bytes // self.bytes_per_block
+        if self.num_blocks < 1:
+            raise ValueError(f"a KV cache of {memory_bytes} bytes holds no block of {self.bytes_per_block} bytes")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (self.num_blocks * block_size, config.num_key_value_heads, head_dim)
+        # zeros, not empty: a padded row gathers unused slots, and a NaN there would leak through the masked softmax
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out block 0 first
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks in use (vLLM's ``kv_cache_usage_perc``: 1.0 means full)."""
+        return self.used_blocks / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def allocate(self, block_table: list[int], num_tokens: int) -> bool:
+        """Grow ``block_table`` in place to hold ``num_tokens``; False (and nothing taken) when blocks run out."""
+        missing = self.blocks_for(num_tokens) - len(block_table)
+        if missing > len(self.free_blocks):
+            return False
+        block_table.extend(self.free_blocks.pop() for _ in range(max(missing, 0)))
+        return True
+
+    def free(self, block_table: list[int]) -> None:
+        """Give a finished or preempted sequence's blocks back."""
+        self.free_blocks.extend(reversed(block_table))
+        block_table.clear()
+
+    def batch_view(self, block_tables: list[list[int]], starts: list[int], query_len: int) -> BatchKV:
+        """The cache as one forward pass sees it: rows whose ``query_len`` new tokens start at ``starts``."""
+        bs = self.block_size
+        slots = [table[t // bs] * bs + t % bs for table, start in zip(block_tables, starts)
+                 for t in range(start, start + query_len)]
+        kv_len = max(starts) + query_len
+        width = self.blocks_for(kv_len)
+        tables = [table[:width] + [0] * (width - len(table[:width])) for table in block_tables]
+        device = self.keys[0].device
+        return BatchKV(self, torch.tensor(slots, device=device), torch.tensor(tables, device=device), kv_len)
+
+
+@dataclass
+class BatchKV:
+    """Per forward pass: which slots receive the new keys/values, and which blocks make up each row's context.
+
+    Passed to the model as ``past_key_values``; every attention layer calls ``update``, as with a transformers
+    ``Cache``."""
+
+    cache: KVCache
+    slot_mapping: torch.Tensor  # [rows * query_len] slot of each new token, row-major
+    block_tables: torch.Tensor  # [rows, blocks] padded with block 0 (masked out)
+    kv_len: int  # longest context in the batch, new tokens included
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args) -> tuple[torch.Tensor, ...]:
+        """Write this step's keys/values [rows, kv_heads, q, head_dim] into their slots; return every row's
+        context [rows, kv_heads, kv_len, head_dim] gathered from its blocks (padding beyond a row is masked)."""
+        rows, heads, q, dim = keys.shape
+        out = []
+        for store, new in ((self.cache.keys[layer_idx], keys), (self.cache.values[layer_idx], values)):
+            store.index_copy_(0, self.slot_mapping, new.transpose(1, 2).reshape(rows * q, heads, dim))
+            blocks = store.view(-1, self.cache.block_size, heads, dim)[self.block_tables]
+            out.append(blocks.view(rows, -1, heads, dim)[:, : self.kv_len].transpose(1, 2))
+        return out[0], out[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len

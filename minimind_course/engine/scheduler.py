@@ -1,0 +1,106 @@
+"""The scheduler: which sequences run in the next step, and how much of each prompt is prefilled.
+
+Every step it (1) takes back preempted sequences when blocks are free, (2) picks prompt chunks to prefill, at
+most ``max_num_batched_tokens`` tokens per step, cut at fixed multiples of that size (chunked prefill: a long
+prompt is spread over several steps, so running streams keep getting tokens), and (3) decodes one token for
+every other running sequence. When a decoding sequence needs a block and none is free, the most recently
+admitted sequence is preempted: its blocks are freed and it is recomputed later from its tokens (vLLM's
+recompute preemption). New requests are admitted by the engine through ``can_admit``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from minimind_course.engine.kv_cache import KVCache
+from minimind_course.engine.sequence import Request, Sequence
+
+DEFAULT_MAX_NUM_SEQS = 32
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
+
+
+@dataclass
+class StepPlan:
+    """One step's work: prefill groups (rows feeding the same number of tokens) and the decode batch."""
+
+    prefills: list[tuple[list[Sequence], int]] = field(default_factory=list)
+    decodes: list[Sequence] = field(default_factory=list)
+    preempted: int = 0
+
+
+class Scheduler:
+    """Running sequences, preempted ones waiting for blocks, and the rules that move them."""
+
+    def __init__(self, kv_cache: KVCache, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+                 max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.running: list[Sequence] = []  # hold blocks, in admission order
+        self.preempted: deque[Sequence] = deque()  # lost their blocks, resumed first
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.running) + len(self.preempted)
+
+    def can_admit(self, request_prompt_len: int, n: int) -> bool:
+        """Admission rule: a seat for each of the ``n`` sequences under ``max_num_seqs``, nobody preempted
+        waiting, and free blocks for each copy of the prompt plus its first generated token."""
+        return (self.num_seqs + n <= self.max_num_seqs and not self.preempted
+                and n * self.kv_cache.blocks_for(request_prompt_len + 1) <= len(self.kv_cache.free_blocks))
+
+    def add(self, request: Request) -> None:
+        """Give a newly admitted request's sequences their prompt blocks (``can_admit`` said they fit)."""
+        for seq in request.sequences:
+            assert self.kv_cache.allocate(seq.block_table, seq.num_tokens)
+            self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """A sequence that finished, was cancelled or failed: it leaves the batch and its blocks are free."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.preempted:
+            self.preempted.remove(seq)
+        self.kv_cache.free(seq.block_table)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        while self.preempted and self.kv_cache.allocate(self.preempted[0].block_table, self.preempted[0].num_tokens):
+            self.running.append(self.preempted.popleft())
+        for seq in list(self.running):  # decodes first: each may need one more block for the token it feeds
+            if seq.uncomputed != 1 or seq not in self.running:
+                continue
+            while not self.kv_cache.allocate(seq.block_table, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                plan.preempted += 1
+                if victim in plan.decodes:
+                    plan.decodes.remove(victim)
+                if victim is seq:
+                    break
+            else:
+                plan.decodes.append(seq)
+        budget, grouped = self.max_num_batched_tokens, set()
+        for seq in self.running:
+            if seq.uncomputed <= 1 or seq.seq_id in grouped:
+                continue
+            chunk = min(self.max_num_batched_tokens - seq.num_computed % self.max_num_batched_tokens,
+                        seq.uncomputed)
+            if chunk > budget:
+                break  # first come, first served: a later prompt does not overtake this one
+            # choices of one request start with the same prompt: they are prefilled as rows of one pass
+            rows = [other for other in self.running if other.request is seq.request
+                    and other.num_computed == seq.num_computed and other.token_ids == seq.token_ids]
+            grouped.update(row.seq_id for row in rows)
+            plan.prefills.append((rows, chunk))
+            budget -= chunk
+        return plan
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv_cache.free(seq.block_table)
+        seq.num_computed = 0
+        self.preempted.appendleft(seq)
