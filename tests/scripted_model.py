@@ -41,16 +41,19 @@ class ScriptedLM(nn.Module):
         return self.anchor.device
 
     def forward(self, input_ids, position_ids, past_key_values, logits_to_keep=0, **kwargs):
-        """Rows are sequences of the engine's batch; a row's next token is script[tokens generated so far]."""
+        """Rows are sequences of the engine's batch; a row's next token is script[tokens generated so far].
+        Rows may be right-padded: padding tokens write to the cache's scratch slot."""
         time.sleep(self.step_delay)
-        if (input_ids == self.FAIL_TOKEN).any():
+        rows, width = input_ids.shape
+        real = (past_key_values.slot_mapping.view(rows, width) != past_key_values.cache.scratch_slot).sum(1).tolist()
+        if any((input_ids[row, :n] == self.FAIL_TOKEN).any() for row, n in enumerate(real)):
             raise RuntimeError("scripted failure")
-        logits = torch.full((input_ids.shape[0], 1, self.vocab_size), -1e4)
-        for row, (positions, table) in enumerate(zip(position_ids.tolist(), past_key_values.block_tables.tolist())):
+        logits = torch.full((rows, 1 if logits_to_keep == 1 else width, self.vocab_size), -1e4)
+        for row, (positions, table, n) in enumerate(zip(position_ids.tolist(), past_key_values.block_tables.tolist(),
+                                                        real)):
+            last = positions[n - 1]
             if positions[0] == 0:  # first prefill chunk: the row starts a sequence, keyed by its first block
-                self.prompt_lens[table[0]] = positions[-1] + 1
-            elif positions[-1] + 1 > self.prompt_lens[table[0]] and len(positions) > 1:
-                self.prompt_lens[table[0]] = positions[-1] + 1  # a later chunk of the same prompt
-            generated = positions[-1] + 1 - self.prompt_lens[table[0]]
+                self.prompt_lens[table[0]] = last + 1
+            generated = last + 1 - self.prompt_lens[table[0]]
             logits[row, :, self.script[min(generated, len(self.script) - 1)]] = 0.0
         return SimpleNamespace(logits=logits, past_key_values=past_key_values)

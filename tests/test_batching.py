@@ -100,13 +100,16 @@ def test_a_cancelled_sequence_frees_its_seat_and_blocks_for_a_waiting_request(to
         params = SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)
         a, b = engine.submit([1, 2], params, "a"), engine.submit([1, 2], params, "b")
         waiting = engine.submit([1, 2], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), "c")
-        await a.__aiter__().__anext__()
-        await b.__aiter__().__anext__()
+        streams = [a.__aiter__(), b.__aiter__()]  # kept: a dropped iterator cancels its request
+        for stream in streams:
+            await stream.__anext__()
         assert (engine.num_running, engine.queued) == (2, 1)  # two seats, both taken
         used = engine.kv_cache.used_blocks
         a.cancel()
         result = await waiting.result()
         b.cancel()
+        while engine.active is not None:
+            await asyncio.sleep(0.005)
         return used, result
 
     used, result = asyncio.run(run())
@@ -182,7 +185,7 @@ def test_the_scheduler_chunks_long_prompts_and_keeps_decoding_the_others():
     scheduler = Scheduler(cache, max_num_seqs=4, max_num_batched_tokens=64)
 
     def sequence(tokens: int, computed: int) -> Sequence:
-        request = Request(None, SamplingParams(), [], tokens)
+        request = Request(None, SamplingParams(), [], tokens, 0.0)
         seq = Sequence(tokens, request, 0, [1] * tokens, None, None, None, num_computed=computed)
         request.sequences.append(seq)
         scheduler.add(request)
@@ -194,9 +197,8 @@ def test_the_scheduler_chunks_long_prompts_and_keeps_decoding_the_others():
     while long.uncomputed > 1:
         plan = scheduler.schedule()
         plans.append(([n for _, n in plan.prefills], [s.seq_id for s in plan.decodes]))
-        for rows, n in plan.prefills:
-            for row in rows:
-                row.num_computed += n
+        for seq, n in plan.prefills:
+            seq.num_computed += n
         running.num_computed += 1
         running.token_ids.append(1)
     assert plans == [([64], [20]), ([64], [20]), ([22], [20])]  # chunks of 64 tokens, a decode every step

@@ -5,7 +5,9 @@
 ``sweep`` (the default when no subcommand is named) drives the endpoint at each concurrency level with streamed,
 greedy, fixed-length requests and reports TTFT, inter-token latency and tokens/s; the measuring lives in
 ``minimind_course.bench.loadgen``. ``overhead`` compares our server over HTTP+SSE with the same engine in-process
-(``minimind_course.bench.overhead``). Mistakes end with one line on stderr and exit status 1.
+(``minimind_course.bench.overhead``). ``batching`` runs ours serial vs ours batched vs vLLM and the engine's own
+measurements (``minimind_course.bench.batching``), writing JSON and a plot. Mistakes end with one line on stderr
+and exit status 1.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import httpx
 from minimind_course.bench.loadgen import DEFAULT_CONCURRENCY, SweepConfig, format_table, sweep, sweep_report
 from minimind_course.bench.overhead import OverheadConfig, format_overhead, measure_overhead
 
-SUBCOMMANDS = ("sweep", "overhead")
+SUBCOMMANDS = ("sweep", "overhead", "batching")
 
 
 def concurrency_list(text: str) -> list[int]:
@@ -79,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--ttft-runs", type=positive_int, default=20, help="short requests per side for TTFT")
     over.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     over.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
+    batch = commands.add_parser("batching", help="ours serial vs ours batched vs vLLM, prefill stall, batch scaling",
+                                description="Starts each server in turn, sweeps it with the same streamed greedy "
+                                "requests, reads its /metrics; then measures the engine in-process.")
+    batch.add_argument("--concurrency", type=concurrency_list, default=[1, 16], help="levels (default: 1,16)")
+    batch.add_argument("--requests-per-level", type=positive_int, default=32, help="(default: %(default)s)")
+    batch.add_argument("--max-tokens", type=positive_int, default=64, help="tokens per answer (default: %(default)s)")
+    batch.add_argument("--max-num-seqs", type=positive_int, default=32, help="seats of the batched servers")
+    batch.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    batch.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip real vLLM")
+    batch.add_argument("--out", type=Path, default=Path("batching.json"), help="JSON file (default: %(default)s)")
+    batch.add_argument("--plot", type=Path, default=Path("batching.png"), help="PNG file (default: %(default)s)")
     return parser
 
 
@@ -125,9 +138,29 @@ def run_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_batching_command(args: argparse.Namespace) -> int:
+    from minimind_course.bench.batching import BatchingConfig, format_batching, plot_batching, run_batching
+
+    config = BatchingConfig(concurrency=tuple(args.concurrency), requests_per_level=args.requests_per_level,
+                            max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs, threads=args.threads,
+                            vllm=args.vllm)
+    try:
+        report = run_batching(config)
+    except (RuntimeError, OSError, httpx.HTTPError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_batching(report))
+    for path in (args.out, args.plot):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    plot_batching(report, args.plot)
+    print(f"results written to {args.out} and {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "sweep")  # `bench --base-url ...` means `bench sweep --base-url ...`
     args = build_parser().parse_args(argv)
-    return {"sweep": run_sweep, "overhead": run_overhead}[args.command](args)
+    return {"sweep": run_sweep, "overhead": run_overhead, "batching": run_batching_command}[args.command](args)

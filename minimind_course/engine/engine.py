@@ -171,6 +171,7 @@ class GenerationHandle:
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancelled_at: float | None = None
     constraint: Constraint | Callable[[], Constraint] | None = None
+    arrived: float = field(default_factory=time.monotonic)  # submit time: time to first token counts from here
 
     def cancel(self) -> None:
         if self.cancelled_at is None:
@@ -238,6 +239,7 @@ class StepStats:
     inter_token_latency_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
     preemptions: int = 0
+    request_ids: tuple[str, ...] = ()  # the requests that had sequences in this step's forward passes
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -443,7 +445,7 @@ class Engine:
 
     def _new_request(self, handle: GenerationHandle) -> Request:
         params, prompt_len = handle.params, len(handle.prompt_ids)
-        request = Request(handle, params, build_logits_pipeline(params, prompt_len), prompt_len)
+        request = Request(handle, params, build_logits_pipeline(params, prompt_len), prompt_len, arrived=handle.arrived)
         constraint = handle.constraint
         for index in range(params.n):
             own = constraint() if constraint is not None and not hasattr(constraint, "apply") else constraint
@@ -459,32 +461,35 @@ class Engine:
             if request.handle.cancelled.is_set():
                 self._end(request, "cancelled")
         plan = self.scheduler.schedule()
-        stats = StepStats(preemptions=plan.preempted)
+        scheduled = [seq for seq, _ in plan.prefills] + plan.decodes
+        stats = StepStats(preemptions=plan.preempted,
+                          request_ids=tuple(dict.fromkeys(seq.request.handle.request_id for seq in scheduled)))
         ready: list[tuple[Sequence, torch.Tensor]] = []
-        for rows, chunk in plan.prefills:
-            ready += self._forward(rows, chunk)
+        if plan.prefills:
+            ready += self._forward([seq for seq, _ in plan.prefills], [n for _, n in plan.prefills])
         if plan.decodes:
-            ready += self._forward(plan.decodes, 1)
+            ready += self._forward(plan.decodes, [1] * len(plan.decodes))
         if ready:
             self._sample(ready, stats)
         for listener in self.stats_listeners:
             listener(stats)
 
-    def _forward(self, seqs: list[Sequence], query_len: int) -> list[tuple[Sequence, torch.Tensor]]:
+    def _forward(self, seqs: list[Sequence], query_lens: list[int]) -> list[tuple[Sequence, torch.Tensor]]:
         """Run one pass; rows whose tokens are all computed come back with their logits. When a pass with
         several requests fails, each request's rows run alone, so only the one at fault ends with the error
         (rewriting the same cache slots is harmless)."""
         try:
-            logits = self.runner.forward(seqs, query_len)
+            logits = self.runner.forward(seqs, query_lens)
         except Exception as err:
             requests = list(dict.fromkeys(seq.request for seq in seqs))
             if len(requests) == 1:
                 self._end(requests[0], "failed", err)
                 return []
-            return [pair for request in requests
-                    for pair in self._forward([seq for seq in seqs if seq.request is request], query_len)]
-        for seq in seqs:
-            seq.num_computed += query_len
+            rows = [[i for i, seq in enumerate(seqs) if seq.request is request] for request in requests]
+            return [pair for own in rows
+                    for pair in self._forward([seqs[i] for i in own], [query_lens[i] for i in own])]
+        for seq, n in zip(seqs, query_lens):
+            seq.num_computed += n
         return [(seq, logits[i]) for i, seq in enumerate(seqs) if seq.uncomputed == 0]
 
     def _sample(self, ready: list[tuple[Sequence, torch.Tensor]], stats: StepStats) -> None:

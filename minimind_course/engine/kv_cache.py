@@ -35,7 +35,9 @@ class KVCache:
         if self.num_blocks < 1:
             raise ValueError(f"a KV cache of {memory_bytes} bytes holds no block of {self.bytes_per_block} bytes")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (self.num_blocks * block_size, config.num_key_value_heads, head_dim)
+        # one block more than the budget pays for: the scratch block, where padding tokens write their keys/values
+        self.scratch_slot = self.num_blocks * block_size
+        shape = ((self.num_blocks + 1) * block_size, config.num_key_value_heads, head_dim)
         # zeros, not empty: a padded row gathers unused slots, and a NaN there would leak through the masked softmax
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
@@ -70,12 +72,13 @@ class KVCache:
         self.free_blocks.extend(reversed(block_table))
         block_table.clear()
 
-    def batch_view(self, block_tables: list[list[int]], starts: list[int], query_len: int) -> BatchKV:
-        """The cache as one forward pass sees it: rows whose ``query_len`` new tokens start at ``starts``."""
-        bs = self.block_size
-        slots = [table[t // bs] * bs + t % bs for table, start in zip(block_tables, starts)
-                 for t in range(start, start + query_len)]
-        kv_len = max(starts) + query_len
+    def batch_view(self, block_tables: list[list[int]], starts: list[int], query_lens: list[int]) -> BatchKV:
+        """The cache as one forward pass sees it: row i feeds ``query_lens[i]`` new tokens from ``starts[i]``,
+        right-padded to the longest row (padding writes to the scratch slot)."""
+        bs, width_q = self.block_size, max(query_lens)
+        slots = [table[t // bs] * bs + t % bs if t < start + n else self.scratch_slot
+                 for table, start, n in zip(block_tables, starts, query_lens) for t in range(start, start + width_q)]
+        kv_len = max(start + n for start, n in zip(starts, query_lens))
         width = self.blocks_for(kv_len)
         tables = [table[:width] + [0] * (width - len(table[:width])) for table in block_tables]
         device = self.keys[0].device
@@ -90,7 +93,7 @@ class BatchKV:
     ``Cache``."""
 
     cache: KVCache
-    slot_mapping: torch.Tensor  # [rows * query_len] slot of each new token, row-major
+    slot_mapping: torch.Tensor  # [rows * query_len] slot of each new token (padding: the scratch slot), row-major
     block_tables: torch.Tensor  # [rows, blocks] padded with block 0 (masked out)
     kv_len: int  # longest context in the batch, new tokens included
 

@@ -1,9 +1,9 @@
 """The scheduler: which sequences run in the next step, and how much of each prompt is prefilled.
 
-Every step it (1) takes back preempted sequences when blocks are free, (2) picks prompt chunks to prefill, at
-most ``max_num_batched_tokens`` tokens per step, cut at fixed multiples of that size (chunked prefill: a long
-prompt is spread over several steps, so running streams keep getting tokens), and (3) decodes one token for
-every other running sequence. When a decoding sequence needs a block and none is free, the most recently
+Every step it (1) takes back preempted sequences when blocks are free, (2) decodes one token for every running
+sequence whose prompt is done, and (3) picks prompt chunks to prefill, at most ``max_num_batched_tokens`` tokens
+per step, cut at fixed multiples of that size (chunked prefill: a long prompt is spread over several steps, so
+running streams keep getting tokens). All chunks of a step go through the model as rows of one pass. When a decoding sequence needs a block and none is free, the most recently
 admitted sequence is preempted: its blocks are freed and it is recomputed later from its tokens (vLLM's
 recompute preemption). New requests are admitted by the engine through ``can_admit``.
 """
@@ -22,9 +22,9 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
 
 @dataclass
 class StepPlan:
-    """One step's work: prefill groups (rows feeding the same number of tokens) and the decode batch."""
+    """One step's work: prompt chunks to prefill (sequence, tokens) and the decode batch."""
 
-    prefills: list[tuple[list[Sequence], int]] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)
     preempted: int = 0
 
@@ -83,19 +83,15 @@ class Scheduler:
                     break
             else:
                 plan.decodes.append(seq)
-        budget, grouped = self.max_num_batched_tokens, set()
+        budget = self.max_num_batched_tokens
         for seq in self.running:
-            if seq.uncomputed <= 1 or seq.seq_id in grouped:
+            if seq.uncomputed <= 1:
                 continue
             chunk = min(self.max_num_batched_tokens - seq.num_computed % self.max_num_batched_tokens,
                         seq.uncomputed)
             if chunk > budget:
                 break  # first come, first served: a later prompt does not overtake this one
-            # choices of one request start with the same prompt: they are prefilled as rows of one pass
-            rows = [other for other in self.running if other.request is seq.request
-                    and other.num_computed == seq.num_computed and other.token_ids == seq.token_ids]
-            grouped.update(row.seq_id for row in rows)
-            plan.prefills.append((rows, chunk))
+            plan.prefills.append((seq, chunk))
             budget -= chunk
         return plan
 

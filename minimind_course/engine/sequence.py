@@ -6,7 +6,6 @@ own tokens, random generator, text state and KV blocks, so each can finish, be c
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -72,8 +71,8 @@ class Request:
     params: SamplingParams
     pipeline: LogitsProcessorList
     prompt_len: int
+    arrived: float  # when it was submitted
     sequences: list[Sequence] = field(default_factory=list)
-    arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
 
