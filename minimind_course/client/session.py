@@ -111,7 +111,7 @@ def function_tool(func: Callable[..., Any], name: str | None = None, description
     """A Tool from a function: parameters from its signature and type hints (a single pydantic-model parameter
     gives that model's schema), the description and parameter descriptions from its docstring."""
     doc, param_docs = _doc_parts(func.__doc__ or "")
-    hints = get_type_hints(func)
+    hints = get_type_hints(func, include_extras=True)
     params = list(inspect.signature(func).parameters.values())
     takes_model = len(params) == 1 and inspect.isclass(hints.get(params[0].name)) and issubclass(
         hints[params[0].name], BaseModel)
