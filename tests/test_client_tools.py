@@ -1,6 +1,7 @@
 """ChatSession's tool loop: tools from Python functions (signature + docstring, or a pydantic model), the loop
 against the running server (forced calls, then an answer), and the window keeping calls with their question."""
 
+import io
 import json
 from typing import Annotated, Literal
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, Field
 from minimind_course.client import ChatSession
 from minimind_course.client.history import QAPair, build_window, estimate_tokens, messages_to_pairs
 from minimind_course.client.session import function_tool
+from minimind_course.client.terminal import answer
 
 CALLS: list[dict] = []
 
@@ -91,3 +93,15 @@ def test_tool_loop_against_the_server(base_url, stream):
                         "content": reply.tool_runs[0].result}
     sent = session.window("那北京呢？")
     assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "user"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_terminal_chat_prints_the_calls_it_runs(base_url, stream):
+    session = ChatSession(base_url, tools=[get_weather], tool_choice="required", max_tool_rounds=1, max_tokens=120,
+                          seed=5, max_retries=0)
+    out = io.StringIO()
+    answer("东京天气怎么样？", session, stream=stream, interactive=False, out=out)
+    lines = out.getvalue().splitlines()
+    run = session.last_reply.tool_runs[0]
+    assert lines[0] == f"[tool] get_weather({run.arguments}) -> {run.result}"
+    assert "".join(lines[1:]).strip() == session.last_reply.content.strip()

@@ -7,10 +7,10 @@ sets the logits of tokens that would leave the grammar to -inf, after it advance
 JSON is generated compactly (``", "`` and ``": "`` separators, no free whitespace), so a model cannot wander in
 spaces; numbers and strings are only bounded by ``max_tokens``.
 
-Why xgrammar (measured per token on a 10-token JSON answer, one CPU thread): 15 us on the bundled 2,786-token
-vocabulary and 24 us on a 6,400-token MiniMind vocabulary, against 34-44 us (median) for llguidance, whose mean on the
-bundled vocabulary was 2.4 ms from slow first steps. A MiniMind forward step takes milliseconds, so masking costs
-about 1 % of it. xgrammar is also vLLM's default structured-output backend and composes grammars (tags around JSON).
+Why xgrammar (``python -m minimind_course.bench.grammar_mask``: per token, one CPU thread): a median of 15-20 us on
+the bundled 2,786-token vocabulary and 24-32 us on a 6,400-token MiniMind vocabulary, against 34-67 us for
+llguidance (whose mean is far higher from slow first steps). A decode step takes milliseconds, so masking costs about
+1 % of it. xgrammar is also vLLM's default structured-output backend and composes grammars (tags around JSON).
 """
 
 from __future__ import annotations
