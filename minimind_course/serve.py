@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m minimind_course.serve",
         description="Serve a MiniMind model behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
         "/v1/models, /health).",
+        epilog="With --backend vllm, arguments after a lone -- go to vLLM unchanged, e.g. "
+        "`--backend vllm -- --tensor-parallel-size 2 --gpu-memory-utilization 0.8`.",
     )
     parser.add_argument("--model", default=None,
                         help="model folder or .pth checkpoint (default: the bundled MiniMind-Tiny)")
@@ -58,8 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Our flags; with ``--backend vllm``, everything after a lone ``--`` goes to vLLM verbatim (``vllm_args``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    vllm_args = argv[argv.index("--") + 1:] if "--" in argv else []
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if vllm_args and args.backend != "vllm":
+        parser.error("arguments after -- are passed to vLLM: they need --backend vllm")
+    args.vllm_args = vllm_args
     args.cors_origins = [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()]
     for flag in ("max_num_seqs", "kv_cache_memory", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:

@@ -360,3 +360,44 @@ def test_metrics_use_vllm_names_and_count_what_the_engine_did(make_server):
     assert done[("vllm:request_generation_tokens_sum", ())] == 18
     assert done[("vllm:inter_token_latency_seconds_count", ())] >= 4 + 5 + 6
     assert done[("vllm:num_requests_waiting", ())] == 0
+
+
+# ---- bench batching --------------------------------------------------------------------------------------------
+def fake_level(concurrency: int, tok_s: float, ttft: float) -> dict:
+    return {"concurrency": concurrency, "output_tokens_per_s": tok_s, "ttft_s": {"p50": ttft}, "itl_s": {"p50": 0.01}}
+
+
+def test_bench_batching_report_ratios_summary_and_plot(tmp_path):
+    from minimind_course.bench.batching import format_batching, plot_batching, ratios
+
+    servers = [{"name": name, "levels": [fake_level(1, one, 0.02), fake_level(16, sixteen, ttft)],
+                "server_metrics": {"vllm:generation_tokens_total": 4160.0,
+                                   "vllm:time_to_first_token_seconds_sum": 2.0,
+                                   "vllm:time_to_first_token_seconds_count": 50.0}}
+               for name, one, sixteen, ttft in (("ours serial", 150, 150, 6.0), ("ours batched", 160, 960, 0.08),
+                                                ("vLLM", 170, 800, 0.05))]
+    stall = {"max_num_batched_tokens": 256, "prefill_s": 0.1, "itl_before_p50_s": 0.005, "itl_during_max_s": 0.03}
+    report = {"settings": {"concurrency": [1, 16], "stall_prompt_tokens": 900}, "servers": servers,
+              "in_process": {"minimind2_small_tokens_per_s": {"1": 70.0, "16": 700.0},
+                             "prefill_stall": {"chunked": stall}}}
+    report["ratios"] = ratios(report)
+    assert report["ratios"] == pytest.approx({
+        "batched_tok_s_16_over_1": 6.0, "batched_over_serial_at_1": 160 / 150, "batched_over_serial_at_16": 6.4,
+        "batched_ttft_p50_16_over_1": 4.0, "batched_over_vllm_at_16": 1.2, "minimind2_small_16_over_1": 10.0})
+    text = format_batching(report)
+    assert "mean TTFT 40.0 ms over 50 requests" in text and "batched_over_vllm_at_16: 1.20" in text
+    plot_batching(report, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_prefill_stall_measures_the_running_streams_gaps(engine):
+    from minimind_course.bench.batching import prefill_stall
+
+    own = own_engine(engine, max_num_batched_tokens=64)
+    try:
+        stall = await prefill_stall(own, 300, 2)
+    finally:
+        own.close()
+    assert stall["prefill_s"] > 0 and stall["itl_before_p50_s"] > 0
+    assert stall["itl_during_max_s"] >= stall["itl_during_p50_s"] > 0  # the streams kept getting tokens meanwhile

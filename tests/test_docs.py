@@ -243,6 +243,7 @@ def documented_cli_calls() -> list[tuple[str, str, str | None, list[str]]]:
             continue
         for match in CLI_CALL.finditer(block.code):
             words = shlex.split(match.group(2).replace("\\\n", " "), comments=True)
+            words = words[:words.index("--")] if "--" in words else words  # after a lone --: vLLM's own flags
             subcommand = words[0] if words and re.fullmatch(r"[a-z]+", words[0]) else None
             flags = [w.split("=")[0] for w in words if w.startswith("--")]
             calls.append((str(block), match.group(1), subcommand, flags))

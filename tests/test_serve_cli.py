@@ -119,3 +119,16 @@ def test_serves_an_openai_endpoint_and_stops_cleanly(stop_signal):
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_bad_max_model_len_is_one_line(value):
     assert_one_line_error(run_cli(*MODEL, "--max-model-len", value, "--port", "0"), "max_model_len")
+
+
+def test_batching_flags_reach_the_engine_and_bad_values_are_refused(capsys):
+    args = parse_args(["--max-num-seqs", "8", "--kv-cache-memory", "64", "--max-num-batched-tokens", "128"])
+    assert (args.max_num_seqs, args.kv_cache_memory, args.max_num_batched_tokens) == (8, 64, 128)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--max-num-seqs", "0"])
+    assert exit_info.value.code == 2 and "--max-num-seqs must be at least 1" in capsys.readouterr().err
+
+
+def test_a_kv_cache_smaller_than_one_sequence_is_one_line():
+    result = run_cli(*MODEL, "--kv-cache-memory", "1", "--port", "0")  # 1 MiB: 256 tokens of the bundled model
+    assert_one_line_error(result, "KV cache of 1 MiB holds")

@@ -133,6 +133,37 @@ def test_serve_vllm_without_vllm_is_one_line(monkeypatch, capsys):
     assert err.count("\n") == 1 and "pip install" in err and "vllm" in err
 
 
+def test_serve_passes_flags_after_the_double_dash_to_vllm(tmp_path, monkeypatch):
+    """`serve --backend vllm -- --tensor-parallel-size 2` reaches vLLM's command line verbatim, after ours."""
+    from minimind_course.model import export
+    from minimind_course.serve import parse_args
+
+    args = parse_args(["--backend", "vllm", "--port", "9", "--", "--tensor-parallel-size", "2", "--seed", "7"])
+    assert args.vllm_args == ["--tensor-parallel-size", "2", "--seed", "7"] and args.port == 9
+    (tmp_path / "config.json").write_text("{}", encoding="utf-8")
+    monkeypatch.setattr(export, "cached_export", lambda *a, **k: tmp_path)
+    monkeypatch.setattr(vllm_launcher, "vllm_installed", lambda: True)
+    monkeypatch.setattr(vllm_launcher, "port_problem", lambda host, port: None)
+    commands = []
+
+    def refuse(server):
+        commands.append(server.command)
+        raise VLLMStartError("not started in this test")
+
+    monkeypatch.setattr(VLLMServer, "start", refuse)
+    assert serve_vllm(args) == 1
+    assert commands[0][-4:] == ["--tensor-parallel-size", "2", "--seed", "7"]
+    assert commands[0][commands[0].index("--port") + 1] == "9"
+
+
+def test_double_dash_needs_the_vllm_backend(capsys):
+    from minimind_course.serve import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--", "--tensor-parallel-size", "2"])
+    assert exit_info.value.code == 2 and "--backend vllm" in capsys.readouterr().err
+
+
 def test_serve_vllm_with_a_bad_model_is_one_line(tmp_path, capsys):
     assert serve_vllm(_serve_args(model=str(tmp_path / "missing"), export_dir=str(tmp_path / "cache"))) == 1
     err = capsys.readouterr().err

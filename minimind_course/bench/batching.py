@@ -92,28 +92,25 @@ async def _stream_times(engine, prompt: list[int], params, stop: asyncio.Event, 
             return
 
 
-def prefill_stall(engine, prompt_tokens: int, streams: int) -> dict[str, float]:
-    """Inter-token gaps of ``streams`` running streams before and while a ``prompt_tokens``-long prompt is prefilled."""
+async def prefill_stall(engine, prompt_tokens: int, streams: int) -> dict[str, float]:
+    """Inter-token gaps of ``streams`` running streams before and while a ``prompt_tokens``-long prompt is prefilled
+    (a coroutine: await it in a notebook, ``asyncio.run`` it elsewhere)."""
     from minimind_course.engine.sampling import SamplingParams
 
     short = engine.encode(engine.chat_prompt([{"role": "user", "content": "讲一个故事"}]))
     long_prompt = (short * (prompt_tokens // len(short) + 1))[:prompt_tokens]
     running = SamplingParams(temperature=0, max_tokens=engine.max_model_len - len(short), ignore_eos=True)
 
-    async def run() -> tuple[list[list[float]], float, float]:
-        stop = asyncio.Event()
-        times: list[list[float]] = [[] for _ in range(streams)]
-        tasks = [asyncio.ensure_future(_stream_times(engine, short, running, stop, t)) for t in times]
-        await asyncio.sleep(1.0)  # the streams are decoding together
-        submitted = time.perf_counter()
-        await engine.submit(long_prompt, SamplingParams(temperature=0, max_tokens=1)).result()
-        prefilled = time.perf_counter()
-        await asyncio.sleep(0.3)
-        stop.set()
-        await asyncio.gather(*tasks)
-        return times, submitted, prefilled
-
-    times, submitted, prefilled = asyncio.run(run())
+    stop = asyncio.Event()
+    times: list[list[float]] = [[] for _ in range(streams)]
+    tasks = [asyncio.ensure_future(_stream_times(engine, short, running, stop, t)) for t in times]
+    await asyncio.sleep(1.0)  # the streams are decoding together
+    submitted = time.perf_counter()
+    await engine.submit(long_prompt, SamplingParams(temperature=0, max_tokens=1)).result()
+    prefilled = time.perf_counter()
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.gather(*tasks)
     before = [b - a for t in times for a, b in zip(t, t[1:]) if b < submitted - 0.1 and a > submitted - 0.9]
     during = [b - a for t in times for a, b in zip(t, t[1:]) if b > submitted and a < prefilled]
     return {"prefill_s": prefilled - submitted, "itl_before_p50_s": percentile(before, 50),
@@ -157,9 +154,9 @@ def measure_in_process(config: BatchingConfig) -> dict[str, object]:
     for label, chunk in (("chunked", config.chunk_tokens), ("unchunked", model.config.max_position_embeddings)):
         engine = Engine(model, tokenizer, max_num_batched_tokens=chunk)
         try:
-            prefill_stall(engine, 32, 1)  # warm-up
+            asyncio.run(prefill_stall(engine, 32, 1))  # warm-up
             stall[label] = {"max_num_batched_tokens": chunk,
-                            **prefill_stall(engine, config.stall_prompt_tokens, config.stall_streams)}
+                            **asyncio.run(prefill_stall(engine, config.stall_prompt_tokens, config.stall_streams))}
         finally:
             engine.close()
     return {"minimind2_small_tokens_per_s": {str(k): v for k, v in scaling.items()}, "prefill_stall": stall}

@@ -178,8 +178,10 @@ def serve_vllm(args) -> int:
         api_key=args.api_key,
         cors_origins=args.cors_origins,
         dtype=dtype,
+        # our --max-num-seqs, then `serve --backend vllm -- FLAGS`: vLLM's own flags, verbatim (a later flag wins)
+        extra_args=([*(["--max-num-seqs", str(args.max_num_seqs)] if getattr(args, "max_num_seqs", None) else []),
+                     *getattr(args, "vllm_args", ())]),
         inherit_output=True,
-        extra_args=["--max-num-seqs", str(args.max_num_seqs)] if getattr(args, "max_num_seqs", None) else [],
         startup_timeout=float("inf"),  # vLLM logs its own progress; Ctrl-C stops the wait
     )
     print(f"exported model: {model_dir}\nstarting: {' '.join(server.command)}", file=sys.stderr, flush=True)
