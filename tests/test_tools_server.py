@@ -33,7 +33,8 @@ def scripted(engine):
     def start(text: str, tokenizer=None) -> openai.OpenAI:
         tokenizer = tokenizer or engine.tokenizer
         model = ScriptedLM(byte_tokens(tokenizer, text) + [tokenizer.eos_token_id], len(tokenizer))
-        scripted_engine = Engine(model, tokenizer)
+        scripted_engine = Engine(model, tokenizer, max_num_batched_tokens=4096)  # one prefill chunk: ScriptedLM
+        # counts generated tokens from the end of the first chunk, and the tools block is longer than the default 256
         server = BackgroundServer(create_app(scripted_engine)).start()
         running.append((server, scripted_engine))
         return openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
