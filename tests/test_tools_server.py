@@ -188,3 +188,29 @@ def test_bad_tool_requests_are_400_naming_the_param(base_url, fields, param):
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
     assert response.json()["error"]["type"] == "BadRequestError"
+
+
+def test_minimind3_checkpoint_served_with_forced_and_streamed_calls(tmp_path):
+    """A random-weight MiniMind-3 folder (upstream layout, tool tokens as single tokens, its own template) behind the
+    server: forced calls come back as tool_calls that follow the schema, streamed and not."""
+    from minimind_course.model.loading import load_model
+    from tool_models import build_minimind3_folder
+
+    engine = Engine(*load_model(build_minimind3_folder(tmp_path / "minimind3")), max_num_batched_tokens=4096)
+    try:
+        with BackgroundServer(create_app(engine)) as server, openai.OpenAI(
+                base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
+            kwargs = dict(model="minimind", messages=USER, tools=[WEATHER, TIME], tool_choice="required", seed=2,
+                          parallel_tool_calls=False,
+                          max_tokens=200)
+            answer = client.chat.completions.create(**kwargs)
+            with client.chat.completions.stream(**kwargs) as events:
+                streamed = events.get_final_completion()
+    finally:
+        engine.close()
+    for choice in (answer.choices[0], streamed.choices[0]):
+        assert choice.finish_reason == "tool_calls", choice
+        for made in choice.message.tool_calls:
+            schema = {"get_weather": WEATHER, "get_time": TIME}[made.function.name]["function"].get("parameters", {})
+            jsonschema.validate(json.loads(made.function.arguments), schema)
+    assert without_ids(streamed.choices[0].message) == without_ids(answer.choices[0].message)  # same seed
