@@ -121,7 +121,7 @@ def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool) -> xgr.Gramma
 
 def after_reasoning(grammar: xgr.Grammar) -> xgr.Grammar:
     """For a prompt that ends in an open ``<think>``: free reasoning (no ``<``), ``</think>``, then ``grammar``."""
-    return xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= [^<]* {json.dumps(THINK_END + chr(10) * 2)}'), grammar)
+    return xgr.Grammar.concat(xgr.Grammar.from_ebnf("root ::= [^<]* " + json.dumps(THINK_END + "\n\n")), grammar)
 
 
 def request_grammar(body, thinking: bool) -> xgr.Grammar | None:
