@@ -401,3 +401,23 @@ async def test_prefill_stall_measures_the_running_streams_gaps(engine):
         own.close()
     assert stall["prefill_s"] > 0 and stall["itl_before_p50_s"] > 0
     assert stall["itl_during_max_s"] >= stall["itl_during_p50_s"] > 0  # the streams kept getting tokens meanwhile
+
+
+def test_closing_the_engine_ends_running_and_waiting_requests_with_an_error(tokenizer_engine):
+    engine = tokenizer_engine(step_delay=0.01, max_num_seqs=1)
+
+    async def run():
+        params = SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)
+        running, waiting = engine.submit([1, 2], params, "running"), engine.submit([1, 2], params, "waiting")
+        stream = running.__aiter__()
+        await stream.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        with pytest.raises(RuntimeError, match="closed"):
+            await waiting.result()
+        with pytest.raises(RuntimeError, match="closed"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(run())
+    assert sorted((t.request_id, t.outcome) for t in engine.traces()) == [("running", "cancelled"),
+                                                                         ("waiting", "skipped")]
