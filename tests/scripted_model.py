@@ -32,7 +32,7 @@ class ScriptedLM(nn.Module):
         self.vocab_size = vocab_size
         self.step_delay = step_delay
         self.config = SimpleNamespace(max_position_embeddings=max_len, eos_token_id=None, num_hidden_layers=1,
-                                      num_attention_heads=1, num_key_value_heads=1, head_dim=1)
+                                      num_attention_heads=1, num_key_value_heads=1, head_dim=64)
         self.prompt_lens: dict[int, int] = {}  # first cache slot of a sequence -> its prompt length
         self.anchor = nn.Parameter(torch.zeros(1))
 

@@ -161,7 +161,7 @@ async def test_kv_memory_bounds_the_batch_and_preempted_sequences_still_give_the
 
 
 def test_requests_that_can_never_fit_are_refused_at_once(tokenizer_engine):
-    engine = tokenizer_engine(max_num_seqs=4, max_model_len=64, kv_cache_memory=8 * 16 * 8)  # 8 blocks
+    engine = tokenizer_engine(max_num_seqs=4, max_model_len=64, kv_cache_memory=8 * 16 * 512)  # 8 blocks
 
     async def submit(prompt_len: int, n: int):
         return engine.submit([1] * prompt_len, SamplingParams(n=n, max_tokens=1))
@@ -172,7 +172,7 @@ def test_requests_that_can_never_fit_are_refused_at_once(tokenizer_engine):
     with pytest.raises(RequestTooLargeError):
         asyncio.run(submit(60, 3))  # three copies of 61 tokens need 12 blocks
     with pytest.raises(ValueError, match="fewer than one sequence"):
-        Engine(engine.model, engine.tokenizer, max_model_len=4096, kv_cache_memory=8 * 16 * 8)
+        Engine(engine.model, engine.tokenizer, max_model_len=4096, kv_cache_memory=8 * 16 * 512)
 
 
 def test_the_scheduler_chunks_long_prompts_and_keeps_decoding_the_others():
