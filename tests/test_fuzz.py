@@ -11,11 +11,13 @@ and gives the same greedy answer afterwards.
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
+import jsonschema
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -517,6 +519,146 @@ def test_broken_http_is_refused_and_the_server_keeps_serving(fuzz, server, reque
     fuzz.requests["raw_http"] += 1
     fuzz.statuses[status] += 1
     assert status == "closed" or 400 <= status < 500, answer[:300]
+
+
+# ---- tools, tool_choice, response_format, tool messages (issue 15) -------------------------------------------------
+FUNCTION_NAMES = st.sampled_from(["get_weather", "f", "a-b_c.d", "x" * 64, "g2"])
+BAD_NAMES = TEXT.filter(lambda s: not re.fullmatch(r"[a-zA-Z0-9_.-]{1,64}", s))
+BOUNDED_SCHEMAS = st.recursive(  # what real tools declare, bounded so a sampling model can finish
+    st.sampled_from([{"type": "string", "maxLength": 6}, {"type": "integer", "minimum": -5, "maximum": 99},
+                     {"type": "boolean"}, {"enum": ["红", "green", 3]}, {"type": "null"}]),
+    lambda inner: st.builds(lambda props: {"type": "object", "properties": props, "required": sorted(props),
+                                           "additionalProperties": False},
+                            st.dictionaries(st.sampled_from(["city", "城市", "n", "flag"]), inner, max_size=3))
+    | st.builds(lambda items: {"type": "array", "items": items, "maxItems": 2}, inner),
+    max_leaves=4)
+OBJECT_SCHEMAS = st.builds(lambda props: {"type": "object", "properties": props, "required": sorted(props),
+                                          "additionalProperties": False},
+                           st.dictionaries(st.sampled_from(["city", "城市", "n"]), BOUNDED_SCHEMAS, max_size=3))
+NOT_A_SCHEMA = st.one_of(  # values the JSON Schema meta-schema refuses
+    st.builds(lambda t: {"type": t}, TEXT.filter(lambda t: t not in {"string", "integer", "number", "boolean",
+                                                                    "object", "array", "null"})),
+    st.builds(lambda r: {"type": "object", "required": r}, st.integers() | TEXT | st.booleans()),
+    st.builds(lambda p: {"type": "object", "properties": p}, st.lists(SCALARS, max_size=2) | st.integers()),
+    st.builds(lambda m: {"type": "string", "maxLength": m}, st.integers(max_value=-1) | TEXT),
+)
+
+
+def tool(name: str, parameters=None) -> dict:
+    function = {"name": name} if parameters is None else {"name": name, "parameters": parameters}
+    return {"type": "function", "function": function}
+
+
+def call(call_id: str, name: str = "f", arguments: str = "{}") -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+BAD_TOOL_FIELDS = st.one_of(  # (extra body fields, the param the 400 must name)
+    st.tuples(st.builds(lambda v: {"tools": v}, NOT_OBJECT.filter(lambda v: not isinstance(v, list))
+                        | st.lists(SCALARS, min_size=1, max_size=2)), st.just("tools")),
+    st.tuples(st.builds(lambda n: {"tools": [tool(n)]}, BAD_NAMES), st.just("tools")),
+    st.tuples(st.builds(lambda p: {"tools": [tool("f", p)]}, NOT_A_SCHEMA), st.just("tools")),
+    st.tuples(st.builds(lambda n: {"tools": [tool(n), tool(n)]}, FUNCTION_NAMES), st.just("tools")),
+    st.tuples(st.builds(lambda c: {"tools": [tool("f")], "tool_choice": c},
+                        TEXT.filter(lambda c: c not in {"none", "auto", "required"}) | st.integers()
+                        | st.dictionaries(TEXT, SCALARS, max_size=2)), st.just("tool_choice")),
+    st.tuples(st.builds(lambda n: {"tools": [tool("f")], "tool_choice": {"type": "function", "function": {"name": n}}},
+                        TEXT.filter(lambda n: n != "f")), st.just("tool_choice")),
+    st.tuples(st.builds(lambda c: {"tool_choice": c}, st.sampled_from(["auto", "required"]) | FUNCTION_NAMES.map(
+        lambda n: {"type": "function", "function": {"name": n}})), st.just("tool_choice")),
+    st.tuples(st.builds(lambda t: {"response_format": {"type": t}},
+                        TEXT.filter(lambda t: t not in {"text", "json_object", "json_schema"})),
+              st.just("response_format")),
+    st.tuples(st.builds(lambda spec: {"response_format": {"type": "json_schema", "json_schema": spec}},
+                        st.builds(lambda sc: {"name": "x", "schema": sc}, NOT_A_SCHEMA)
+                        | st.builds(lambda n: {"name": n}, BAD_NAMES) | st.just({})), st.just("response_format")),
+    st.tuples(st.builds(lambda i: {"messages": CHINESE + [{"role": "tool", "tool_call_id": i, "content": "1"}]},
+                        TEXT), st.just("messages")),
+    st.tuples(st.builds(lambda i: {"messages": CHINESE + [
+        {"role": "assistant", "content": None, "tool_calls": [call("call_1")]},
+        {"role": "tool", "tool_call_id": i, "content": "1"}]}, TEXT.filter(lambda i: i != "call_1")),
+        st.just("messages")),
+    st.tuples(st.builds(lambda c: {"messages": [{"role": "user", "content": "x", "tool_calls": [c]}]},
+                        st.builds(call, TEXT)), st.just("messages")),
+    st.tuples(st.builds(lambda a: {"messages": CHINESE + [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": a}}]}]}, NOT_STR), st.just("messages")),
+)
+
+
+@fuzz_settings(250)
+@given(case=BAD_TOOL_FIELDS, stream=st.booleans())
+def test_hostile_tool_fields_are_400_naming_the_field(fuzz, base_url, case, stream):
+    fields, param = case
+    body = {"messages": CHINESE, "max_tokens": 2, "stream": stream, **fields}
+    assert_error(fuzz.post("tools_bad", base_url + "/chat/completions", json_bytes(body)), 400, param)
+
+
+@fuzz_settings(170)
+@given(data=st.data(), names=st.lists(FUNCTION_NAMES, min_size=1, max_size=3, unique=True),
+       mode=st.sampled_from(["none", "auto", "required", "named", "json_object", "json_schema"]),
+       parallel=st.booleans(), stream=st.booleans(), seed=st.integers(0, 2**32), max_tokens=st.integers(1, 60))
+def test_valid_tool_requests_are_answered_and_forced_answers_follow_the_schema(fuzz, base_url, data, names, mode,
+                                                                             parallel, stream, seed, max_tokens):
+    tools = [tool(name, data.draw(st.none() | OBJECT_SCHEMAS)) for name in names]
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+    body = {"messages": CHINESE, "max_tokens": max_tokens, "seed": seed, "stream": stream, "tools": tools,
+            "parallel_tool_calls": parallel}
+    if mode in ("none", "auto", "required"):
+        body["tool_choice"] = mode
+    elif mode == "named":
+        body["tool_choice"] = {"type": "function", "function": {"name": names[0]}}
+    elif mode == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    else:
+        schema = data.draw(OBJECT_SCHEMAS)
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema}}
+    response = fuzz.post("tools_valid", base_url + "/chat/completions", json_bytes(body))
+    if response.status_code == 400:  # the tools block alone can fill the tiny model's 1,024-token context
+        assert "maximum context length" in assert_error(response, 400, "messages")["message"]
+        return
+    assert_chat_ok(response, body)
+    if stream:
+        return
+    choice = ChatCompletion.model_validate(response.json()).choices[0]
+    if choice.finish_reason == "length":
+        return  # cut by max_tokens: a valid prefix, nothing to validate
+    if mode in ("required", "named"):
+        assert choice.finish_reason == ("tool_calls" if mode == "required" else "stop")
+        assert choice.message.tool_calls and not choice.message.content
+        assert mode != "named" or [c.function.name for c in choice.message.tool_calls] == [names[0]]
+        assert parallel and mode == "required" or len(choice.message.tool_calls) == 1
+        for made in choice.message.tool_calls:
+            jsonschema.validate(json.loads(made.function.arguments), schemas[made.function.name])
+    elif mode in ("json_object", "json_schema"):
+        value = json.loads(choice.message.content)
+        jsonschema.validate(value, schema if mode == "json_schema" else {"type": "object"})
+    elif mode == "none":
+        assert choice.message.tool_calls is None
+
+
+@fuzz_settings(120)
+@given(schema=st.dictionaries(st.sampled_from(["type", "properties", "items", "enum", "const", "$ref", "anyOf",
+                                               "pattern", "format", "minimum", "maxLength", "required", "$defs",
+                                               "additionalProperties", "minItems", "not", "oneOf"]),
+                              JSON_VALUES, max_size=4),
+       where=st.sampled_from(["tool", "response_format"]))
+def test_arbitrary_schemas_are_400_or_answered_never_5xx(fuzz, base_url, schema, where):
+    """Anything a client may put in a schema: refused by the meta-schema check or by the grammar compiler (400), or
+    served (then a finished answer follows the schema)."""
+    if where == "tool":
+        body = {"tools": [tool("f", schema)], "tool_choice": "required"}
+    else:
+        body = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    body.update(messages=CHINESE, max_tokens=12, seed=1)
+    response = fuzz.post("tools_schemas", base_url + "/chat/completions", json_bytes(body))
+    if response.status_code == 400:
+        assert_error(response, 400, "tools" if where == "tool" else "response_format")
+        return
+    assert_chat_ok(response, body)
+    choice = ChatCompletion.model_validate(response.json()).choices[0]
+    if choice.finish_reason != "length":
+        text = choice.message.tool_calls[0].function.arguments if where == "tool" else choice.message.content
+        jsonschema.validate(json.loads(text), schema)
 
 
 # ---- regressions found by this fuzzing (they were 500s) -----------------------------------------------------------

@@ -33,7 +33,7 @@ def test_developer_role_is_a_system_prompt_and_none_content_is_empty():
 
 
 def test_unknown_fields_are_ignored():
-    req = ChatCompletionRequest(messages=USER, tools=[{"type": "function"}], parallel_tool_calls=True, foo={"x": 1})
+    req = ChatCompletionRequest(messages=USER, store=False, metadata={"k": "v"}, foo={"x": 1})
     assert not hasattr(req, "foo")
 
 

@@ -4,7 +4,8 @@ An OpenAI-style server remembers nothing between requests; the client re-sends t
 time. Sending all of it soon overflows a small model's context, so the client sends a *window*:
 
 * the system prompt, pinned (it never falls out of the window);
-* the last ``max_pairs`` whole question/answer pairs (a pair is never split);
+* the last ``max_pairs`` whole question/answer pairs (a pair is never split: the tool calls the model made on
+  the way to its answer and their results travel with it);
 * the current question.
 
 With a token budget, the oldest pairs are dropped first until the window fits. If the system prompt and the
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-Message = dict[str, str]
+Message = dict[str, Any]  # an OpenAI chat message: content may be None next to tool_calls
 TokenCounter = Callable[[list[Message]], int]
 
 # Estimate, measured on the bundled tokenizer: tokens the chat template adds around each message
@@ -46,14 +47,16 @@ class PromptTooLongError(ValueError):
 
 @dataclass(frozen=True)
 class QAPair:
-    """One finished exchange: the user's question and the assistant's answer."""
+    """One finished exchange: the user's question, the tool round trips on the way (assistant messages with
+    ``tool_calls`` and the ``tool`` results), and the assistant's answer."""
 
     question: str
     answer: str
+    steps: tuple[Message, ...] = ()
 
     def messages(self) -> list[Message]:
-        """The pair as two chat messages, user first."""
-        return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
+        """The pair as chat messages: user first, then the tool steps, then the answer."""
+        return [{"role": "user", "content": self.question}, *self.steps, {"role": "assistant", "content": self.answer}]
 
 
 def is_cjk(char: str) -> bool:
@@ -75,10 +78,18 @@ def estimate_text_tokens(text: str) -> int:
     return cjk + math.ceil((len(text) - cjk) / CHARS_PER_TOKEN)
 
 
+def message_text(message: Message) -> str:
+    """What a template writes for a message: its content and, for tool calls, each call's name and arguments."""
+    calls = message.get("tool_calls") or []
+    return (message.get("content") or "") + "".join(
+        '<tool_call>\n{"name": "' + call["function"]["name"] + '", "arguments": ' + call["function"]["arguments"]
+        + "}\n</tool_call>" for call in calls)
+
+
 def estimate_tokens(messages: list[Message]) -> int:
     """Estimate the prompt tokens of ``messages`` as a ChatML template renders them (no tokenizer needed)."""
     return GENERATION_PROMPT_TOKENS + sum(
-        MESSAGE_OVERHEAD_TOKENS + estimate_text_tokens(message["content"]) for message in messages
+        MESSAGE_OVERHEAD_TOKENS + estimate_text_tokens(message_text(message)) for message in messages
     )
 
 
@@ -148,23 +159,33 @@ def pairs_to_messages(pairs: Sequence[QAPair], system: str | None = None) -> lis
     return head + [message for pair in pairs for message in pair.messages()]
 
 
+def _is_tool_step(message: Message) -> bool:
+    return message.get("role") == "tool" or (message.get("role") == "assistant" and bool(message.get("tool_calls")))
+
+
 def messages_to_pairs(messages: Sequence[Message]) -> tuple[str | None, list[QAPair]]:
-    """Split OpenAI chat messages into (system prompt, pairs); the inverse of :func:`pairs_to_messages`."""
+    """Split OpenAI chat messages into (system prompt, pairs); the inverse of :func:`pairs_to_messages`.
+    Assistant messages with ``tool_calls`` and ``tool`` results between a question and its answer stay in its pair."""
     items = list(messages)
     system = None
     if items and items[0].get("role") == "system":
         system = items.pop(0)["content"]
-    if len(items) % 2:
-        raise ValueError(f"expected alternating user/assistant messages in pairs, got {len(items)} messages")
-    pairs = []
-    for index in range(0, len(items), 2):
-        user, assistant = items[index], items[index + 1]
+    pairs, index = [], 0
+    while index < len(items):
+        user = items[index]
+        end = index + 1
+        while end < len(items) and _is_tool_step(items[end]):
+            end += 1
+        if end >= len(items):
+            raise ValueError(f"expected alternating user/assistant messages in pairs: message {index} has no answer")
+        assistant = items[end]
         if user.get("role") != "user" or assistant.get("role") != "assistant":
             raise ValueError(
-                f"messages {index} and {index + 1} must be user then assistant, "
+                f"messages {index} and {end} must be user then assistant, "
                 f"got {user.get('role')!r} then {assistant.get('role')!r}"
             )
         if not isinstance(user.get("content"), str) or not isinstance(assistant.get("content"), str):
-            raise ValueError(f"messages {index} and {index + 1} must have string content")
-        pairs.append(QAPair(user["content"], assistant["content"]))
+            raise ValueError(f"messages {index} and {end} must have string content")
+        pairs.append(QAPair(user["content"], assistant["content"], tuple(items[index + 1 : end])))
+        index = end + 1
     return system, pairs

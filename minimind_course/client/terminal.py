@@ -21,6 +21,7 @@ from minimind_course.client.session import (
     DEFAULT_HISTORY_PAIRS,
     DEFAULT_MODEL,
     ChatSession,
+    ToolRun,
 )
 from minimind_course.client.history import PromptTooLongError, tokenizer_counter
 
@@ -206,19 +207,29 @@ def run_command(line: str, session: ChatSession, out: TextIO) -> bool:
     return True
 
 
+def show_tool_run(run: ToolRun, interactive: bool, out: TextIO) -> None:
+    """One line per tool call the session ran: ``[tool] name(arguments) -> result`` (dimmed when interactive)."""
+    line = f"[tool] {run.name}({run.arguments}) -> {run.result}"
+    print(DIM + line + RESET if interactive else line, file=out, flush=True)
+
+
 def answer(question: str, session: ChatSession, stream: bool, interactive: bool, out: TextIO) -> None:
-    """Ask one question and print the answer (reasoning dimmed, only when interactive)."""
+    """Ask one question and print the answer (reasoning dimmed, only when interactive; tool calls as they run)."""
     if interactive:
         print(f"{session.model}> ", end="", file=out, flush=True)
     try:
         if stream:
             for delta in session.stream(question):
+                if delta.tool_run is not None:
+                    show_tool_run(delta.tool_run, interactive, out)
                 if delta.reasoning_content and interactive:
                     print(DIM + delta.reasoning_content + RESET, end="", file=out, flush=True)
                 print(delta.content, end="", file=out, flush=True)
             print(file=out, flush=True)
         else:
             reply = session.ask(question, stream=False)
+            for run in reply.tool_runs:
+                show_tool_run(run, interactive, out)
             if reply.reasoning_content and interactive:
                 print(DIM + reply.reasoning_content + RESET, file=out)
             print(reply.content, file=out, flush=True)

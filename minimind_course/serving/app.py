@@ -5,7 +5,7 @@
 | ``GET /health`` | ``{"status": "ok", "queued": N}``, even while the engine is busy; never needs the API key |
 | ``GET /metrics`` | Prometheus text format under vLLM's metric names (``metrics``); no API key, as in vLLM |
 | ``GET /v1/models`` | the served name(s) with ``max_model_len`` |
-| ``POST /v1/chat/completions`` | chat template → queue → ``chat.completion`` or an SSE stream of chunks |
+| ``POST /v1/chat/completions`` | chat template (with tools) → grammar if the answer is forced → queue → ``chat.completion`` or an SSE stream of chunks |
 | ``POST /v1/completions`` | the same without the template (a string or token ids) |
 
 Response objects and the SSE stream live in ``responses``; errors and middleware in ``middleware``.
@@ -35,6 +35,12 @@ from minimind_course.serving.metrics import CONTENT_TYPE, EngineMetrics
 from minimind_course.serving.middleware import DEFAULT_MAX_BODY_BYTES, add_error_handlers, add_middleware
 from minimind_course.serving.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from minimind_course.serving.reasoning import THINK_START
+from minimind_course.serving.structured_output import (
+    ConstraintFactory,
+    GrammarError,
+    StructuredOutput,
+    request_grammar,
+)
 from minimind_course.serving.responses import (
     SSE_HEADERS,
     ChatRenderer,
@@ -64,6 +70,7 @@ def create_app(
     app.state.served_model_names = names
     app.state.started = int(time.time())
     token_text = TokenText(engine.tokenizer)
+    grammars: list[StructuredOutput] = []  # built on the first request that needs one (reads the whole vocabulary)
     metrics = EngineMetrics(engine, names[0])
     add_error_handlers(app)
 
@@ -92,14 +99,19 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         meta = ResponseMeta.new("chatcmpl", check_model(body.model))
-        prompt = _run_user_step(engine.chat_prompt, body.template_messages(), body.chat_template_kwargs)
+        tools = body.active_tools()
+        prompt = _run_user_step(engine.chat_prompt, body.template_messages(), body.chat_template_kwargs, tools)
         thinking = prompt.rstrip().endswith(THINK_START)  # the template pre-filled an open <think>
-        handle = _submit(engine, engine.encode(prompt), body, meta.id)
+        constraint = await _constraint(engine, grammars, body, thinking)
+        handle = _submit(engine, engine.encode(prompt), body, meta.id, constraint)
         tokens = token_text if body.logprobs else None
+        named = bool(body.forced_tools()) and body.tool_choice != "required"
+        call_finish = ("stop" if named else "tool_calls") if tools else None
         if body.stream:
-            return _streaming(handle, ChatRenderer(meta, body.include_usage, handle.params.n, thinking, tokens))
+            return _streaming(handle, ChatRenderer(meta, body.include_usage, handle.params.n, thinking, tokens,
+                                                   call_finish))
         result = await _result_unless_disconnected(handle, request)
-        return _json(chat_completion(result, meta, thinking, tokens)) if result else CLIENT_GONE
+        return _json(chat_completion(result, meta, thinking, tokens, call_finish)) if result else CLIENT_GONE
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -132,13 +144,34 @@ def _prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
     return prompt
 
 
-def _submit(engine: Engine, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest, request_id: str):
+async def _constraint(engine: Engine, grammars: list[StructuredOutput], body: ChatCompletionRequest,
+                      thinking: bool) -> ConstraintFactory | None:
+    """The grammar a forced tool call or JSON output needs, compiled off the event loop; a schema xgrammar cannot
+    compile is the user's 400."""
+    if not body.forced_tools() and body.json_format() is None:
+        return None
+
+    def compile_() -> ConstraintFactory:
+        if not grammars:
+            vocab = getattr(engine.model.config, "vocab_size", None) or len(engine.tokenizer)
+            grammars.append(StructuredOutput(engine.tokenizer, vocab, engine.eos_token_ids))
+        return grammars[0].factory(request_grammar(body, thinking))
+
+    try:
+        return await asyncio.to_thread(compile_)
+    except GrammarError as err:
+        raise OpenAIError(400, str(err), err.param) from err
+
+
+def _submit(engine: Engine, prompt_ids: list[int], body: ChatCompletionRequest | CompletionRequest, request_id: str,
+            constraint: ConstraintFactory | None = None):
     """Check the context budget, build sampling parameters, queue the request under the response's id."""
     if not prompt_ids:
         raise OpenAIError(400, "The prompt is empty.", "prompt")
     try:
         budget = engine.completion_budget(len(prompt_ids), body.requested_max_tokens())
-        return engine.submit(prompt_ids, body.sampling_params(budget, engine.sampling_defaults), request_id)
+        return engine.submit(prompt_ids, body.sampling_params(budget, engine.sampling_defaults), request_id,
+                             constraint=constraint)
     except ContextLengthError as err:
         raise OpenAIError(400, str(err), "messages" if isinstance(body, ChatCompletionRequest) else "prompt") from err
     except RequestTooLargeError as err:

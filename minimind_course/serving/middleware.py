@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from minimind_course.serving.protocol import OpenAIError, error_body
+from minimind_course.serving.protocol import OpenAIError, ParamError, error_body
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # a full 32k-token context of Chinese text is under 200 KB of JSON
 
@@ -47,7 +47,8 @@ def add_error_handlers(app: FastAPI) -> None:
             if not loc and item.get("type") == "missing":
                 problems.append("the body is empty (or null): send a JSON object")
                 continue
-            param = param or ".".join(loc) or None
+            cause = item.get("ctx", {}).get("error")  # a model-level check names its own parameter
+            param = param or (cause.param if isinstance(cause, ParamError) else ".".join(loc)) or None
             message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
             problems.append(f"{'.'.join(loc)}: {message}" if loc else message)
         return JSONResponse(error_body(400, "; ".join(problems) or "invalid request", param), status_code=400)

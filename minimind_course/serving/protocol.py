@@ -7,8 +7,9 @@ use are ignored, fields we cannot honour get a clear 400 instead of being silent
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
+from jsonschema import Draft202012Validator, SchemaError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from minimind_course.engine.sampling import SamplingParams
@@ -54,6 +55,28 @@ def _encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 
 
+class ParamError(ValueError):
+    """A request error found by a model-level check, naming the parameter it is about (``param`` of the 400)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12 meta-schema check), else a ValueError saying what is wrong."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as err:
+        where = "/".join(str(part) for part in err.absolute_path)
+        raise ValueError(f"not a valid JSON Schema{f' at {where}' if where else ''}: {err.message}") from None
+    return schema
+
+
+Schema = Annotated[dict[str, Any], AfterValidator(_json_schema)]
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]  # OpenAI's rule for function names
+
+
 class _Request(BaseModel):
     """Unknown fields are accepted and ignored, like OpenAI's own API does for forward compatibility.
     Numbers must be finite: Python's JSON reader accepts NaN and Infinity, which no parameter means."""
@@ -66,10 +89,33 @@ class TextPart(_Request):
     text: Text
 
 
+class FunctionCall(_Request):
+    name: Text
+    arguments: Text  # a JSON string, as the model wrote it
+
+
+class ToolCall(_Request):
+    """A call in an assistant message of the history."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: Text | None = None  # tool messages only: the call this result answers
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     def text(self) -> str:
         """Content as one string: text parts are joined with newlines (as vLLM does)."""
@@ -79,9 +125,58 @@ class ChatMessage(_Request):
             return self.content
         return "\n".join(part.text for part in self.content)
 
-    def for_template(self) -> dict[str, str]:
+    def for_template(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role  # newer SDKs say developer for system
-        return {"role": role, "content": self.text()}
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: Text | None = None
+    parameters: Schema | None = None  # absent: a function without arguments
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: Text
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class TextFormat(_Request):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Request):
+    name: FunctionName
+    description: Text | None = None
+    schema_: Schema | None = Field(None, alias="schema")  # absent: any JSON object
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat], Field(discriminator="type")]
 
 
 class StreamOptions(_Request):
@@ -151,12 +246,61 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
+
+    @model_validator(mode="after")
+    def _tools_fit_together(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ParamError("tools", "tools: every function needs a different name")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ParamError("tool_choice", "tool_choice needs tools: send the functions the model may call")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ParamError("tool_choice", f"tool_choice names `{choice.function.name}`, which is not in tools "
+                                            f"({', '.join(names)})")
+        if self.forced_tools() and self.json_format() is not None:
+            raise ParamError("response_format", "response_format json_object/json_schema cannot be combined with "
+                                                "tool_choice required or a named function")
+        calls: set[str] = set()
+        for i, message in enumerate(self.messages):
+            calls.update(call.id for call in message.tool_calls or [])
+            if message.role == "tool" and message.tool_call_id not in calls:
+                raise ParamError(f"messages.{i}.tool_call_id", f"messages.{i}: the tool message answers "
+                                 f"`{message.tool_call_id}`, which no earlier assistant message called")
+        return self
+
+    def active_tools(self) -> list[dict[str, Any]]:
+        """The tools the model is shown: none at all with tool_choice "none" (as vLLM does without the flag)."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def forced_tools(self) -> list[ChatTool]:
+        """The functions the answer must call (tool_choice required: any of them; named: that one), else []."""
+        if self.tool_choice == "required":
+            return list(self.tools or [])
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [tool for tool in self.tools or [] if tool.function.name == self.tool_choice.function.name]
+        return []
+
+    def json_format(self) -> dict[str, Any] | None:
+        """The JSON Schema the answer must follow (json_object: any object), or None for free text."""
+        fmt = self.response_format
+        if isinstance(fmt, JsonObjectFormat):
+            return {"type": "object"}
+        if isinstance(fmt, JsonSchemaFormat):
+            return fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"}
+        return None
 
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -165,7 +309,7 @@ class ChatCompletionRequest(_SamplingRequest):
         """``max_completion_tokens`` (newer SDKs, LangChain) wins over the deprecated ``max_tokens``."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
 
 

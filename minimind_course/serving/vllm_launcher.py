@@ -65,6 +65,12 @@ def compile_cache_dir(model_dir: Path) -> Path:
     return CACHE_DIR / "vllm-cache" / stamp.hexdigest()[:16]
 
 
+# Tool calls in MiniMind-3's <tool_call>{json}</tool_call> format (vLLM's hermes parser reads it from the text, so it
+# works on the bundled model too, where the tags are several tokens); tool_choice required/named and response_format
+# go through vLLM's structured-output backend (xgrammar, the default, also on CPU).
+TOOL_ARGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+
+
 class VLLMServer(ChildServer):
     """Real vLLM serving ``model_dir`` on an OpenAI-compatible endpoint; use as ``with VLLMServer(dir) as server:``."""
 
@@ -112,6 +118,7 @@ class VLLMServer(ChildServer):
             "--host", host,
             "--port", str(port),
             "--dtype", self.dtype,
+            *TOOL_ARGS,
         ]  # fmt: skip
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
