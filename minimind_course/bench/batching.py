@@ -174,7 +174,8 @@ def ratios(report: dict) -> dict[str, float]:
         / _level(serial, low)["output_tokens_per_s"],
         f"batched_over_serial_at_{high}": _level(batched, high)["output_tokens_per_s"]
         / _level(serial, high)["output_tokens_per_s"],
-        f"batched_ttft_p50_{high}_over_{low}": _level(batched, high)["ttft_s"]["p50"] / _level(batched, low)["ttft_s"]["p50"],
+        f"batched_ttft_p50_{high}_over_{low}": _level(batched, high)["ttft_s"]["p50"]
+        / _level(batched, low)["ttft_s"]["p50"],
     }
     if "vLLM" in runs:
         out[f"batched_over_vllm_at_{high}"] = (_level(batched, high)["output_tokens_per_s"]

@@ -211,7 +211,7 @@ def server_metrics(base_url: str) -> dict[str, float] | None:
     view: dict[str, float] = {}
     for family in families:
         for sample in family.samples:
-            if sample.name.removesuffix("_sum").removesuffix("_count") in SERVER_METRICS or sample.name in SERVER_METRICS:
+            if sample.name in SERVER_METRICS or sample.name.removesuffix("_sum").removesuffix("_count") in SERVER_METRICS:
                 view[sample.name] = view.get(sample.name, 0.0) + sample.value
     return view
 
