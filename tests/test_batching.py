@@ -421,3 +421,23 @@ def test_closing_the_engine_ends_running_and_waiting_requests_with_an_error(toke
     asyncio.run(run())
     assert sorted((t.request_id, t.outcome) for t in engine.traces()) == [("running", "cancelled"),
                                                                          ("waiting", "skipped")]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_chunked_long_prompt_gives_the_unchunked_answer_while_others_decode(engine):
+    story = engine.encode(engine.chat_prompt([{"role": "user", "content": "讲一个关于大海的故事。" * 40}]))
+    assert len(story) > 300  # several chunks of 64 tokens
+    params = SamplingParams(temperature=0, max_tokens=16)
+    unchunked = own_engine(engine, max_num_batched_tokens=engine.max_model_len)
+    try:
+        whole = await answer(unchunked, story, params)  # the prompt in one pass
+    finally:
+        unchunked.close()
+    chunked = own_engine(engine, max_num_batched_tokens=64)
+    try:
+        others = [chunked.submit(p, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+                  for p in prompts_for(chunked, 3)]
+        assert await answer(chunked, story, params) == whole
+        await asyncio.gather(*(h.result() for h in others))
+    finally:
+        chunked.close()
