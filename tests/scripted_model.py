@@ -32,7 +32,7 @@ class ScriptedLM(nn.Module):
         self.vocab_size = vocab_size
         self.step_delay = step_delay
         self.config = SimpleNamespace(max_position_embeddings=max_len, eos_token_id=None, num_hidden_layers=1,
-                                      num_attention_heads=1, num_key_value_heads=1, head_dim=1)
+                                      num_attention_heads=1, num_key_value_heads=1, head_dim=64)
         self.prompt_lens: dict[int, int] = {}  # first cache slot of a sequence -> its prompt length
         self.anchor = nn.Parameter(torch.zeros(1))
 
@@ -52,8 +52,8 @@ class ScriptedLM(nn.Module):
         for row, (positions, table, n) in enumerate(zip(position_ids.tolist(), past_key_values.block_tables.tolist(),
                                                         real)):
             last = positions[n - 1]
-            if positions[0] == 0:  # first prefill chunk: the row starts a sequence, keyed by its first block
-                self.prompt_lens[table[0]] = last + 1
+            if positions[0] == 0 or n > 1:  # a prompt chunk (decode rows feed one token): the prompt reaches here
+                self.prompt_lens[table[0]] = last + 1  # (a last chunk of exactly one token would look like decode)
             generated = last + 1 - self.prompt_lens[table[0]]
             logits[row, :, self.script[min(generated, len(self.script) - 1)]] = 0.0
         return SimpleNamespace(logits=logits, past_key_values=past_key_values)

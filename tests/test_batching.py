@@ -161,7 +161,7 @@ async def test_kv_memory_bounds_the_batch_and_preempted_sequences_still_give_the
 
 
 def test_requests_that_can_never_fit_are_refused_at_once(tokenizer_engine):
-    engine = tokenizer_engine(max_num_seqs=4, max_model_len=64, kv_cache_memory=8 * 16 * 8)  # 8 blocks
+    engine = tokenizer_engine(max_num_seqs=4, max_model_len=64, kv_cache_memory=8 * 16 * 512)  # 8 blocks
 
     async def submit(prompt_len: int, n: int):
         return engine.submit([1] * prompt_len, SamplingParams(n=n, max_tokens=1))
@@ -172,7 +172,7 @@ def test_requests_that_can_never_fit_are_refused_at_once(tokenizer_engine):
     with pytest.raises(RequestTooLargeError):
         asyncio.run(submit(60, 3))  # three copies of 61 tokens need 12 blocks
     with pytest.raises(ValueError, match="fewer than one sequence"):
-        Engine(engine.model, engine.tokenizer, max_model_len=4096, kv_cache_memory=8 * 16 * 8)
+        Engine(engine.model, engine.tokenizer, max_model_len=4096, kv_cache_memory=8 * 16 * 512)
 
 
 def test_the_scheduler_chunks_long_prompts_and_keeps_decoding_the_others():
@@ -401,3 +401,43 @@ async def test_prefill_stall_measures_the_running_streams_gaps(engine):
         own.close()
     assert stall["prefill_s"] > 0 and stall["itl_before_p50_s"] > 0
     assert stall["itl_during_max_s"] >= stall["itl_during_p50_s"] > 0  # the streams kept getting tokens meanwhile
+
+
+def test_closing_the_engine_ends_running_and_waiting_requests_with_an_error(tokenizer_engine):
+    engine = tokenizer_engine(step_delay=0.01, max_num_seqs=1)
+
+    async def run():
+        params = SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)
+        running, waiting = engine.submit([1, 2], params, "running"), engine.submit([1, 2], params, "waiting")
+        stream = running.__aiter__()
+        await stream.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        with pytest.raises(RuntimeError, match="closed"):
+            await waiting.result()
+        with pytest.raises(RuntimeError, match="closed"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(run())
+    assert sorted((t.request_id, t.outcome) for t in engine.traces()) == [("running", "cancelled"),
+                                                                         ("waiting", "skipped")]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_chunked_long_prompt_gives_the_unchunked_answer_while_others_decode(engine):
+    story = engine.encode(engine.chat_prompt([{"role": "user", "content": "讲一个关于大海的故事。" * 40}]))
+    assert len(story) > 300  # several chunks of 64 tokens
+    params = SamplingParams(temperature=0, max_tokens=16)
+    unchunked = own_engine(engine, max_num_batched_tokens=engine.max_model_len)
+    try:
+        whole = await answer(unchunked, story, params)  # the prompt in one pass
+    finally:
+        unchunked.close()
+    chunked = own_engine(engine, max_num_batched_tokens=64)
+    try:
+        others = [chunked.submit(p, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+                  for p in prompts_for(chunked, 3)]
+        assert await answer(chunked, story, params) == whole
+        await asyncio.gather(*(h.result() for h in others))
+    finally:
+        chunked.close()

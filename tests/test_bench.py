@@ -34,6 +34,8 @@ def test_short_sweep_writes_sane_json(base_url, tmp_path, capsys):
             assert 0 < record["ttft"] <= record["latency"]
     table = capsys.readouterr().out
     assert "tok/s total" in table and str(out) in table
+    # the server's own /metrics next to the client's view: it generated at least this sweep's tokens
+    assert "server /metrics:" in table and report["server_metrics"]["vllm:generation_tokens_total"] >= 2 * 3 * 6
 
 
 def test_sweep_is_the_default_subcommand(base_url, tmp_path):

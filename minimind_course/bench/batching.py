@@ -15,14 +15,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
-
-from minimind_course.bench.loadgen import SweepConfig, percentile, sweep, sweep_report
+from minimind_course.bench.loadgen import (
+    SweepConfig,
+    format_server_view,
+    percentile,
+    server_metrics,
+    sweep,
+    sweep_report,
+)
 from minimind_course.launch import ServeProcess
-
-METRICS = ("vllm:generation_tokens_total", "vllm:prompt_tokens_total", "vllm:time_to_first_token_seconds",
-           "vllm:e2e_request_latency_seconds", "vllm:num_preemptions_total")
-
 
 @dataclass(frozen=True)
 class BatchingConfig:
@@ -39,19 +40,6 @@ class BatchingConfig:
     chunk_tokens: int = 256
 
 
-def server_view(root_url: str) -> dict[str, float]:
-    """A few of the server's own ``/metrics`` totals (summed over labels): tokens, TTFT and latency sums/counts."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(root_url + "/metrics", timeout=30).text
-    view: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in METRICS or sample.name.removesuffix("_sum").removesuffix("_count") in METRICS:
-                view[sample.name] = view.get(sample.name, 0.0) + sample.value
-    return view
-
-
 def measure_server(name: str, server, config: BatchingConfig) -> dict[str, object]:
     """Sweep one running server; the report of ``bench sweep`` plus the server's /metrics after it."""
     sweep_config = SweepConfig(server.base_url, model=server.served_model_name, concurrency=config.concurrency,
@@ -60,7 +48,7 @@ def measure_server(name: str, server, config: BatchingConfig) -> dict[str, objec
     report = sweep_report(sweep_config, results)
     for level in report["levels"]:
         level.pop("records")
-    report["server_metrics"] = server_view(server.root_url)
+    report["server_metrics"] = server_metrics(server.base_url) or {}
     report["name"] = name
     return report
 
@@ -186,7 +174,8 @@ def ratios(report: dict) -> dict[str, float]:
         / _level(serial, low)["output_tokens_per_s"],
         f"batched_over_serial_at_{high}": _level(batched, high)["output_tokens_per_s"]
         / _level(serial, high)["output_tokens_per_s"],
-        f"batched_ttft_p50_{high}_over_{low}": _level(batched, high)["ttft_s"]["p50"] / _level(batched, low)["ttft_s"]["p50"],
+        f"batched_ttft_p50_{high}_over_{low}": _level(batched, high)["ttft_s"]["p50"]
+        / _level(batched, low)["ttft_s"]["p50"],
     }
     if "vLLM" in runs:
         out[f"batched_over_vllm_at_{high}"] = (_level(batched, high)["output_tokens_per_s"]
@@ -198,17 +187,12 @@ def ratios(report: dict) -> dict[str, float]:
 
 def format_batching(report: dict) -> str:
     """Text summary: one line per server and level (client view, then the server's own), the stall, the ratios."""
-    lines = [f"{'server':<13} {'conc':>4} {'tok/s':>7} {'TTFT p50':>9} {'ITL p50':>8}   server /metrics: "
-             "generated tokens, mean TTFT"]
+    lines = [f"{'server':<13} {'conc':>4} {'tok/s':>7} {'TTFT p50':>9} {'ITL p50':>8}"]
     for run in report["servers"]:
-        view = run["server_metrics"]
-        count = view.get("vllm:time_to_first_token_seconds_count", 0)
-        mean_ttft = view.get("vllm:time_to_first_token_seconds_sum", 0) / count if count else float("nan")
         for level in run["levels"]:
             lines.append(f"{run['name']:<13} {level['concurrency']:>4} {level['output_tokens_per_s']:>7.0f} "
                          f"{level['ttft_s']['p50'] * 1e3:>7.1f}ms {level['itl_s']['p50'] * 1e3:>6.1f}ms")
-        lines.append(f"{'':<13} (server says: {view.get('vllm:generation_tokens_total', 0):.0f} tokens generated, "
-                     f"mean TTFT {mean_ttft * 1e3:.1f} ms over {count:.0f} requests, warm-up included)")
+        lines.append(f"{'':<13} {format_server_view(run['server_metrics'])}")
     for label, stall in report["in_process"]["prefill_stall"].items():
         lines.append(f"{report['settings']['stall_prompt_tokens']}-token prefill, {label} "
                      f"(max_num_batched_tokens {stall['max_num_batched_tokens']}): running streams' ITL "

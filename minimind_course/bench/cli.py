@@ -20,7 +20,15 @@ from pathlib import Path
 
 import httpx
 
-from minimind_course.bench.loadgen import DEFAULT_CONCURRENCY, SweepConfig, format_table, sweep, sweep_report
+from minimind_course.bench.loadgen import (
+    DEFAULT_CONCURRENCY,
+    SweepConfig,
+    format_server_view,
+    format_table,
+    server_metrics,
+    sweep,
+    sweep_report,
+)
 from minimind_course.bench.overhead import OverheadConfig, format_overhead, measure_overhead
 
 SUBCOMMANDS = ("sweep", "overhead", "batching")
@@ -109,10 +117,13 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(f"{config.base_url}  model={config.model!r}  max_tokens={config.max_tokens}  "
           f"requests/level={config.requests_per_level}")
     print(format_table(results))
+    view = server_metrics(config.base_url)
+    if view is not None:  # next to the client's measurements: what the server itself counted
+        print(format_server_view(view))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(sweep_report(config, results), indent=2, ensure_ascii=False) + "\n",
-                            encoding="utf-8")
+        report = sweep_report(config, results) | {"server_metrics": view}
+        args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"results written to {args.out}")
     failed = sum(level.errors for level in results)
     if failed:

@@ -191,6 +191,39 @@ def sweep_report(config: SweepConfig, results: Sequence[LevelResult]) -> dict[st
     return {"settings": settings, "levels": [level.summary() for level in results]}
 
 
+SERVER_METRICS = ("vllm:generation_tokens_total", "vllm:prompt_tokens_total", "vllm:time_to_first_token_seconds",
+                  "vllm:e2e_request_latency_seconds", "vllm:num_preemptions_total")
+
+
+def server_metrics(base_url: str) -> dict[str, float] | None:
+    """The server's own view from its Prometheus ``/metrics`` (ours and vLLM's share the names): token totals, TTFT
+    and latency sums/counts, summed over labels. None when the server has no such endpoint."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        response = httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/metrics", timeout=30)
+        families = list(text_string_to_metric_families(response.text)) if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    if not families:
+        return None
+    view: dict[str, float] = {}
+    for family in families:
+        for sample in family.samples:
+            if sample.name in SERVER_METRICS or sample.name.removesuffix("_sum").removesuffix("_count") in SERVER_METRICS:
+                view[sample.name] = view.get(sample.name, 0.0) + sample.value
+    return view
+
+
+def format_server_view(view: dict[str, float]) -> str:
+    """One line: what the server says it did (generated tokens, mean TTFT over the requests it counted)."""
+    count = view.get("vllm:time_to_first_token_seconds_count", 0.0)
+    mean = view.get("vllm:time_to_first_token_seconds_sum", 0.0) / count * 1e3 if count else float("nan")
+    return (f"server /metrics: {view.get('vllm:generation_tokens_total', 0.0):.0f} tokens generated, mean TTFT "
+            f"{mean:.1f} ms over {count:.0f} requests (since it started, warm-up included)")
+
+
 def format_table(results: Sequence[LevelResult]) -> str:
     """A fixed-width text table of the sweep, one line per concurrency level."""
     header = (f"{'conc':>4} {'reqs':>4} {'err':>3} {'tok/s total':>11} {'tok/s/req p50':>13} "

@@ -1,4 +1,5 @@
-"""The engine layer: the decode loop on a worker thread (``engine``), sampling, incremental detokenizing, stop strings."""
+"""The engine layer: continuous batching on a worker thread (``engine``, ``scheduler``, ``kv_cache``, ``runner``,
+``sequence``), sampling, incremental detokenizing, stop strings."""
 
 from minimind_course.engine.engine import Engine
 from minimind_course.engine.sampling import SamplingParams

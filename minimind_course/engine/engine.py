@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -37,6 +38,8 @@ from minimind_course.engine.sampling import SamplingParams, build_logits_pipelin
 from minimind_course.engine.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, Scheduler
 from minimind_course.engine.sequence import Constraint, Request, Sequence
 from minimind_course.engine.stop_strings import StopStringMatcher
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_KV_CACHE_MEMORY = 512 * 2**20  # bytes; the bundled model needs 4 KiB per token (fp32)
@@ -422,7 +425,7 @@ class Engine:
             return list(self._traces)
 
     def close(self) -> None:
-        """Stop the worker after its current step; queued and running requests are cancelled."""
+        """Stop the worker after its current step; queued and running requests end with an error."""
         with self._wake:
             for handle in [*self._waiting, *(request.handle for request in list(self._requests))]:
                 handle.cancel()
@@ -439,6 +442,14 @@ class Engine:
                 except Exception as err:  # a bug in the engine itself: end every running request, keep serving
                     for request in list(self._requests):
                         self._end(request, "failed", err)
+        closed = RuntimeError("the engine was closed")  # nobody waits forever for a request that will not run
+        for request in list(self._requests):
+            self._end(request, "cancelled", closed)
+        with self._wake:
+            left, self._waiting = list(self._waiting), deque()
+        for handle in left:
+            handle.send(closed)
+            self._record(handle, "skipped", 0)
 
     def _admit(self) -> bool:
         """Move queued requests into the batch while seats and blocks allow; wait when there is nothing to do.
@@ -497,7 +508,10 @@ class Engine:
         if ready:
             self._sample(ready, stats)
         for listener in self.stats_listeners:
-            listener(stats)
+            try:
+                listener(stats)
+            except Exception:  # a broken metrics listener must not end the requests
+                logger.exception("an engine stats listener failed")
 
     def _forward(self, seqs: list[Sequence], query_lens: list[int]) -> list[tuple[Sequence, torch.Tensor]]:
         """Run one pass; rows whose tokens are all computed come back with their logits. When a pass with

@@ -36,11 +36,15 @@ class KVCache:
             raise ValueError(f"a KV cache of {memory_bytes} bytes holds no block of {self.bytes_per_block} bytes")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # one block more than the budget pays for: the scratch block, where padding tokens write their keys/values
+        # and which pads the block tables of shorter rows
+        self.scratch_block = self.num_blocks
         self.scratch_slot = self.num_blocks * block_size
         shape = ((self.num_blocks + 1) * block_size, config.num_key_value_heads, head_dim)
-        # zeros, not empty: a padded row gathers unused slots, and a NaN there would leak through the masked softmax
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        # empty: memory is only touched once blocks are used; a block is zeroed when it is handed out, because a
+        # masked slot still enters the attention product (0 x NaN would be NaN)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self._zero([self.scratch_block])
         self.free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out block 0 first
 
     @property
@@ -64,8 +68,16 @@ class KVCache:
         missing = self.blocks_for(num_tokens) - len(block_table)
         if missing > len(self.free_blocks):
             return False
-        block_table.extend(self.free_blocks.pop() for _ in range(max(missing, 0)))
+        new = [self.free_blocks.pop() for _ in range(max(missing, 0))]
+        if new:
+            self._zero(new)
+            block_table.extend(new)
         return True
+
+    def _zero(self, blocks: list[int]) -> None:
+        index = torch.tensor(blocks, device=self.keys[0].device)
+        for store in (*self.keys, *self.values):
+            store.view(-1, self.block_size, *store.shape[1:]).index_fill_(0, index, 0)
 
     def free(self, block_table: list[int]) -> None:
         """Give a finished or preempted sequence's blocks back."""
@@ -80,7 +92,7 @@ class KVCache:
                  for table, start, n in zip(block_tables, starts, query_lens) for t in range(start, start + width_q)]
         kv_len = max(start + n for start, n in zip(starts, query_lens))
         width = self.blocks_for(kv_len)
-        tables = [table[:width] + [0] * (width - len(table[:width])) for table in block_tables]
+        tables = [table[:width] + [self.scratch_block] * (width - len(table[:width])) for table in block_tables]
         device = self.keys[0].device
         return BatchKV(self, torch.tensor(slots, device=device), torch.tensor(tables, device=device), kv_len)
 
@@ -94,7 +106,7 @@ class BatchKV:
 
     cache: KVCache
     slot_mapping: torch.Tensor  # [rows * query_len] slot of each new token (padding: the scratch slot), row-major
-    block_tables: torch.Tensor  # [rows, blocks] padded with block 0 (masked out)
+    block_tables: torch.Tensor  # [rows, blocks] padded with the scratch block (masked out)
     kv_len: int  # longest context in the batch, new tokens included
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args) -> tuple[torch.Tensor, ...]:

@@ -3,9 +3,10 @@
 Every step it (1) takes back preempted sequences when blocks are free, (2) decodes one token for every running
 sequence whose prompt is done, and (3) picks prompt chunks to prefill, at most ``max_num_batched_tokens`` tokens
 per step, cut at fixed multiples of that size (chunked prefill: a long prompt is spread over several steps, so
-running streams keep getting tokens). All chunks of a step go through the model as rows of one pass. When a decoding sequence needs a block and none is free, the most recently
-admitted sequence is preempted: its blocks are freed and it is recomputed later from its tokens (vLLM's
-recompute preemption). New requests are admitted by the engine through ``can_admit``.
+running streams keep getting tokens). All chunks of a step go through the model as rows of one pass. When a
+decoding sequence needs a block and none is free, the most recently admitted sequence is preempted: its blocks
+are freed and it is recomputed later from its tokens (vLLM's recompute preemption). New requests are admitted by
+the engine through ``can_admit``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Give a newly admitted request's sequences their prompt blocks (``can_admit`` said they fit)."""
         for seq in request.sequences:
-            assert self.kv_cache.allocate(seq.block_table, seq.num_tokens)
+            if not self.kv_cache.allocate(seq.block_table, seq.num_tokens):
+                raise RuntimeError("admitted a request whose prompt does not fit in the free KV blocks")
             self.running.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -67,6 +69,7 @@ class Scheduler:
         self.kv_cache.free(seq.block_table)
 
     def schedule(self) -> StepPlan:
+        """Decide the next step: resume preempted sequences, give decoders their blocks, pick prompt chunks."""
         plan = StepPlan()
         while self.preempted and self.kv_cache.allocate(self.preempted[0].block_table, self.preempted[0].num_tokens):
             self.running.append(self.preempted.popleft())
