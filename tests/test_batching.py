@@ -2,7 +2,6 @@
 seats and KV blocks bound the batch, one request's failure stays its own, the constraint hook."""
 
 import asyncio
-import time
 
 import openai
 import pytest
@@ -13,7 +12,7 @@ from minimind_course.engine.kv_cache import KVCache, kv_bytes_per_token
 from minimind_course.engine.scheduler import Scheduler
 from minimind_course.engine.engine import Engine, RequestTooLargeError, StepStats
 from minimind_course.engine.sampling import SamplingParams
-from scripted_model import ScriptedLM, byte_tokens
+from scripted_model import ScriptedLM
 
 QUESTIONS = ["你好", "What is MiniMind?", "讲一个关于大海的故事", "1+1=?", "Tell me about the sea.",
              "我叫小明，你叫什么名字？", "Write a short poem about rain", "天空为什么是蓝色的？"]
