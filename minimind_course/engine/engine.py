@@ -481,7 +481,8 @@ class Engine:
 
     def _new_request(self, handle: GenerationHandle) -> Request:
         params, prompt_len = handle.params, len(handle.prompt_ids)
-        request = Request(handle, params, build_logits_pipeline(params, prompt_len), prompt_len, arrived=handle.arrived)
+        request = Request(handle, params, build_logits_pipeline(params, prompt_len), prompt_len, arrived=handle.arrived,
+                          lora_id=handle.lora_id)
         constraint = handle.constraint
         for index in range(params.n):
             own = constraint() if constraint is not None and not hasattr(constraint, "apply") else constraint

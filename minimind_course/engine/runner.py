@@ -35,7 +35,7 @@ class ModelRunner:
         if width > 1 or len(set(starts)) > 1:  # a token sees keys up to its own position, in its own row
             mask = (torch.arange(kv.kv_len, device=self.device) <= positions[:, :, None])[:, None]
         ragged = len(set(query_lens)) > 1
-        lora_ids = [seq.request.handle.lora_id for seq in seqs]  # each row's LoRA adapter, -1 = the base model
+        lora_ids = [seq.request.lora_id for seq in seqs]  # each row's LoRA adapter, -1 = the base model
         adapters = {"lora_ids": torch.tensor(lora_ids, device=self.device)} if max(lora_ids) >= 0 else {}
         out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=kv,
                          use_cache=True, logits_to_keep=0 if ragged else 1, **adapters)

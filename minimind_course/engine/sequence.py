@@ -72,6 +72,7 @@ class Request:
     pipeline: LogitsProcessorList
     prompt_len: int
     arrived: float  # when it was submitted
+    lora_id: int = -1  # its LoRA adapter (index into Engine.lora_names), -1 = the base model
     sequences: list[Sequence] = field(default_factory=list)
     first_token_at: float | None = None
     last_token_at: float | None = None
