@@ -1,6 +1,7 @@
 """Every course notebook keeps the course's shape, and both READMEs map every notebook.
 
-Shape: a "What you will learn" markdown cell first, a versions cell near the top (it prints the python, torch,
+Shape: a "What you will learn" markdown cell first (its title numbered as the file), a summary with what comes next
+after the last numbered section, a versions cell near the top (it prints the python, torch,
 transformers and course package versions), an exercises section, and after it a solution cell that is collapsed
 (``"jupyter": {"source_hidden": true}``). Committed executed top to bottom (1..N) with kernelspec ``python3``, or
 nbval compares nothing.
@@ -55,6 +56,23 @@ def test_readme_maps_every_notebook(readme: str):
 def test_starts_with_what_you_will_learn(path: Path):
     first = cells(path)[0]
     assert first["cell_type"] == "markdown" and "what you will learn" in text(first).lower()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_title_number_matches_the_file(path: Path):
+    assert text(cells(path)[0]).startswith(f"# {path.name[:2]} ·")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_ends_with_a_summary_and_what_comes_next(path: Path):
+    """A summary section after the last numbered section, naming where the learner goes next."""
+    markdown = [text(c) for c in cells(path) if c["cell_type"] == "markdown"]
+    summaries = [i for i, body in enumerate(markdown) if body.startswith("## Summary")]
+    assert summaries, "no '## Summary' section"
+    numbered = [i for i, body in enumerate(markdown) if re.match(r"^## \d+[.·]", body)]
+    assert summaries[-1] > max(numbered, default=-1), "the summary must come after the last numbered section"
+    summary = markdown[summaries[-1]].lower()
+    assert "what comes next" in summary or "where to go from here" in summary
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
