@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
 
 from minimind_course.launch import bind_socket
@@ -153,21 +152,10 @@ def serve_minimind(args: argparse.Namespace) -> int:
     return 0
 
 
-def vllm_import_problem() -> str | None:
-    """Why ``import vllm`` fails here (None when it works), tried in a child process (about 4 s): a broken install
-    (e.g. PyPI's CUDA torchvision next to CPU torch) would otherwise end as a traceback from the vLLM process."""
-    tried = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, encoding="utf-8",
-                           errors="replace", timeout=300)
-    if tried.returncode == 0:
-        return None
-    lines = [line.strip() for line in tried.stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else f"exit status {tried.returncode}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.backend == "vllm":
-        from minimind_course.serving.vllm_launcher import serve_vllm, vllm_installed
+        from minimind_course.serving.vllm_launcher import serve_vllm, vllm_import_problem, vllm_installed
 
         if vllm_installed() and (problem := vllm_import_problem()) is not None:
             raise SystemExit(f"error: vLLM is installed but cannot be imported: {problem} "

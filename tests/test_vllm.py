@@ -129,6 +129,16 @@ def test_unexported_minimind_folder_fails_readably_and_leaves_nothing():
     assert server.process is None and not _process_group(server.pid)
 
 
+def test_vllm_problem_names_what_is_missing(monkeypatch):
+    """The notebooks' guard: None where vLLM imports, the install command where it is missing."""
+    assert vllm_launcher.vllm_problem() is None
+    monkeypatch.setattr(vllm_launcher, "vllm_installed", lambda: False)
+    assert "pip install" in vllm_launcher.vllm_problem()
+    monkeypatch.setattr(vllm_launcher, "vllm_installed", lambda: True)
+    monkeypatch.setattr(vllm_launcher, "vllm_import_problem", lambda: "ImportError: no AVX2")
+    assert vllm_launcher.vllm_problem() == "vLLM is installed but cannot be imported: ImportError: no AVX2"
+
+
 def test_serve_vllm_without_vllm_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(vllm_launcher, "vllm_installed", lambda: False)
     assert serve_vllm(_serve_args(model=None)) == 1

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,27 @@ class VLLMStartError(RuntimeError):
 def vllm_installed() -> bool:
     """True when the ``vllm`` package can be imported in this environment (without importing it: that is slow)."""
     return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_import_problem() -> str | None:
+    """Why ``import vllm`` fails here (None when it works), tried in a child process (about 4 s): a broken install
+    (e.g. PyPI's CUDA torchvision next to CPU torch) would otherwise end as a traceback from the vLLM process."""
+    tried = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, encoding="utf-8",
+                           errors="replace", timeout=300)
+    if tried.returncode == 0:
+        return None
+    lines = [line.strip() for line in tried.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {tried.returncode}"
+
+
+def vllm_problem() -> str | None:
+    """Why plan B cannot run on this machine (not installed, or installed but not importable), or None when it can.
+
+    Notebooks that use vLLM ask this first and run their other cells against our server alone."""
+    if not vllm_installed():
+        return INSTALL_HINT
+    problem = vllm_import_problem()
+    return f"vLLM is installed but cannot be imported: {problem}" if problem else None
 
 
 def require_vllm() -> None:
