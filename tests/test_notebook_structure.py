@@ -116,3 +116,13 @@ def test_shell_commands_use_the_kernels_python(path: Path):
     ``!{sys.executable} -m ...`` so the command sees the same packages as the kernel."""
     bad = [i for i, c in enumerate(cells(path)) if c["cell_type"] == "code" and BARE_PYTHON.search(text(c))]
     assert not bad, f"cells {bad} call python/pip/jupyter from PATH"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_vllm_is_checked_before_it_is_started(path: Path):
+    """A notebook that starts vLLM first asks whether vLLM can run here (macOS, no AVX2, no GPU...)."""
+    code = [text(c) for c in cells(path) if c["cell_type"] == "code"]
+    starts = [i for i, body in enumerate(code) if "VLLMServer(" in body]
+    if starts:
+        checks = [i for i, body in enumerate(code) if "vllm_problem()" in body or "vllm_installed()" in body]
+        assert checks and checks[0] <= starts[0], "VLLMServer is started before vllm_problem() is asked"
