@@ -126,3 +126,15 @@ def test_vllm_is_checked_before_it_is_started(path: Path):
     if starts:
         checks = [i for i, body in enumerate(code) if "vllm_problem()" in body or "vllm_installed()" in body]
         assert checks and checks[0] <= starts[0], "VLLMServer is started before vllm_problem() is asked"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_solution_cells_look_alike_and_versions_are_not_compared(path: Path):
+    """One title and one tag for every solution cell; the versions cell's output is machine-specific, so ignored."""
+    code = [c for c in cells(path) if c["cell_type"] == "code"]
+    for cell in code:
+        if text(cell).startswith("# Solutions"):
+            assert text(cell).startswith(("# Solutions (expand to read)", "# Solutions (continued)")), text(cell)[:60]
+            assert "solution" in cell["metadata"].get("tags", []) and cell["metadata"]["jupyter"]["source_hidden"]
+    versions = next(c for c in code if all(word in text(c).lower() for word in ("platform", "version")))
+    assert "NBVAL_IGNORE_OUTPUT" in text(versions)
