@@ -1,0 +1,386 @@
+"""Draw the course's mechanism figures as SVG files next to this script.
+
+    python notebooks/figures/make_figures.py            # rewrite every figure here
+    python notebooks/figures/make_figures.py OUT_DIR    # write them into OUT_DIR instead (the test does this)
+
+One function per figure, matplotlib only (boxes, arrows, text). Text is drawn as paths, the SVG hash salt is fixed
+and the date left out, so running the script again gives byte-identical files (``tests/test_notebook_structure.py``
+checks it). Notebook 04 draws its own KV-cache and batching figures in code cells.
+
+| figure | for | drawn from |
+|---|---|---|
+| ``request_path.svg`` | notebook 02 | ``serving/app.py``, ``serving/middleware.py``, ``serving/responses.py``, ``engine/`` |
+| ``sse_chunk_sequence.svg`` | notebook 03 | ``serving/responses.py`` (``sse_stream``, ``ChatRenderer``) |
+| ``tool_round_trip.svg`` | the tools notebook | ``serving/tool_parser.py``, ``client/session.py``, the chat template |
+| ``history_window.svg`` | notebook 06 | ``client/history.py`` (``build_window``) |
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("svg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+# One palette for every figure: who a box belongs to.
+OURS = "#2b6cb0"  # our server (FastAPI app, event loop)
+VLLM = "#6b46c1"  # real vLLM (kept for figures that compare the two)
+CLIENT = "#2f855a"  # the client: openai SDK, curl, ChatSession
+MODEL = "#c05621"  # the model and the engine around it
+ERROR = "#c53030"  # errors in OpenAI's envelope
+MUTED = "#a0aec0"  # dropped or inactive
+INK = "#1a202c"  # text
+TINT = {OURS: "#ebf4ff", VLLM: "#f3ebff", CLIENT: "#e6f6ec", MODEL: "#fdf0e6", ERROR: "#fdeaea", MUTED: "#f1f3f5"}
+
+WIDTH_IN = 10.0  # every figure is 10 inches wide: legible at notebook width
+MONO = "DejaVu Sans Mono"  # shipped with matplotlib, like DejaVu Sans: the same glyphs on every machine
+
+plt.rcParams.update({
+    "svg.fonttype": "path",  # text as paths: renders the same in JupyterLab, on GitHub, without the fonts
+    "svg.hashsalt": "minimind-course-figures",  # fixed ids, so the files do not change from run to run
+    "font.family": "DejaVu Sans",
+    "font.size": 9,
+    "figure.facecolor": "white",
+    "savefig.facecolor": "white",
+})
+
+
+# ---- drawing helpers --------------------------------------------------------------------------------------
+def canvas(height_in: float) -> tuple[plt.Figure, plt.Axes]:
+    """A white figure whose data units are inches: (0, 0) bottom left, (WIDTH_IN, height_in) top right."""
+    fig = plt.figure(figsize=(WIDTH_IN, height_in))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, WIDTH_IN)
+    ax.set_ylim(0, height_in)
+    ax.axis("off")
+    return fig, ax
+
+
+def box(ax, x, y, w, h, text="", color=OURS, *, fill=None, size=8.5, mono=False, weight="normal", dashed=False,
+        align="center", radius=0.06, lw=1.2):
+    """A rounded box with its lower left corner at (x, y) and centred (or left-aligned) text."""
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle=f"round,pad=0,rounding_size={radius}",
+                                facecolor=TINT.get(color, "white") if fill is None else fill, edgecolor=color,
+                                linewidth=lw, linestyle="--" if dashed else "-"))
+    if text:
+        tx = x + w / 2 if align == "center" else x + 0.1
+        ax.text(tx, y + h / 2, text, ha=align, va="center", fontsize=size, color=INK, weight=weight,
+                family=MONO if mono else None, linespacing=1.3)
+
+
+def arrow(ax, start, end, color=INK, *, lw=1.2, dashed=False, style="-|>", rad=0.0, head=9):
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=head, color=color, linewidth=lw,
+                                 linestyle="--" if dashed else "-", connectionstyle=f"arc3,rad={rad}",
+                                 shrinkA=0, shrinkB=0))
+
+
+def label(ax, x, y, text, *, size=8.5, color=INK, ha="center", va="center", mono=False, weight="normal",
+          style="normal", rotation=0):
+    ax.text(x, y, text, ha=ha, va=va, fontsize=size, color=color, family=MONO if mono else None, weight=weight,
+            style=style, rotation=rotation, linespacing=1.3)
+
+
+def badge(ax, x, y, number, color=INK):
+    """A numbered circle: the step number the prose refers to."""
+    ax.add_patch(plt.Circle((x, y), 0.13, facecolor=color, edgecolor="none"))
+    ax.text(x, y, str(number), ha="center", va="center", fontsize=8, color="white", weight="bold")
+
+
+def save(fig: plt.Figure, out_dir: Path, name: str) -> Path:
+    path = out_dir / name
+    fig.savefig(path, format="svg", metadata={"Date": None})
+    plt.close(fig)
+    return path
+
+
+def path_arrow(ax, points, color=INK, *, lw=1.2, dashed=False):
+    """An arrow along a polyline: straight segments, the head on the last one."""
+    style = "--" if dashed else "-"
+    for a, b in zip(points[:-2], points[1:-1]):
+        ax.plot([a[0], b[0]], [a[1], b[1]], color=color, linewidth=lw, linestyle=style, solid_capstyle="butt")
+    arrow(ax, points[-2], points[-1], color, lw=lw, dashed=dashed)
+
+
+def lane(ax, x, y, w, h, name, color):
+    """A tinted band with its name in the top left corner: who runs the boxes inside."""
+    ax.add_patch(Rectangle((x, y), w, h, facecolor=TINT[color], edgecolor="none", alpha=0.6))
+    if name:
+        label(ax, x + 0.1, y + h - 0.15, name, ha="left", size=8.5, color=color, weight="bold")
+
+
+# ---- the figures ------------------------------------------------------------------------------------------
+def request_path(out_dir: Path) -> Path:
+    """Notebook 02: one non-streamed chat request through our server and back (names from serving/ and engine/)."""
+    fig, ax = canvas(6.55)
+    lane(ax, 0.05, 0.1, 1.9, 6.35, "client", CLIENT)
+    lane(ax, 2.0, 2.4, 7.95, 4.05, "our server: FastAPI on one asyncio event loop", OURS)
+    lane(ax, 2.0, 0.1, 7.95, 2.2, "", MODEL)
+    label(ax, 3.75, 2.15, "engine: one worker thread (engine/engine.py)", ha="left", size=8.5, color=MODEL,
+          weight="bold")
+
+    # the client: sends, and gets either the answer or an error in OpenAI's shape
+    box(ax, 0.15, 4.95, 1.7, 0.8, "openai SDK,\ncurl, httpx", CLIENT)
+    box(ax, 0.15, 3.45, 1.7, 0.85, '4xx error\n{"error": {message,\ntype, param, code}}', ERROR, size=7.5)
+    box(ax, 0.15, 2.5, 1.7, 0.75, "200 OK\nchat.completion:\nchoices, usage", CLIENT, size=8)
+
+    # 1: middleware, then FastAPI parses the body into the request model
+    row_a = [(2.15, 1.45, "CORSMiddleware\n(answers browser\npreflights)", None),
+             (3.75, 1.85, "BodySizeLimitMiddleware\nbody over 2 MiB", "413"),
+             (5.75, 1.6, "ApiKeyMiddleware\nonly with --api-key", "401"),
+             (7.5, 2.3, "ChatCompletionRequest\npydantic validation\n(serving/protocol.py)", "400 / 415")]
+    badge(ax, 2.28, 6.0, 1, OURS)
+    label(ax, 2.48, 6.0, "POST /v1/chat/completions: middleware (serving/middleware.py), then the body is "
+          "validated", ha="left", size=8)
+    arrow(ax, (1.85, 5.35), (2.15, 5.35))
+    ya, ha_ = 4.95, 0.8
+    for i, (x, w, text, err) in enumerate(row_a):
+        box(ax, x, ya, w, ha_, text, OURS, size=7.5)
+        if i:
+            arrow(ax, (row_a[i - 1][0] + row_a[i - 1][1], ya + ha_ / 2), (x, ya + ha_ / 2))
+        if err:
+            label(ax, x + w - 0.05, ya - 0.12, err, ha="right", size=7.5, color=ERROR, weight="bold")
+
+    # 2: the route turns messages into token ids and queues them
+    row_b = [(2.15, 1.3, "check_model\nunknown name", "404"),
+             (3.6, 2.1, "engine.chat_prompt\nchat template renders\nmessages → prompt text", "400"),
+             (5.85, 1.55, "engine.encode\ntokenizer\n→ prompt_ids", None),
+             (7.55, 2.25, "completion_budget\n(prompt + max_tokens)\nengine.submit → queue", "400 / 429")]
+    yb, hb = 3.4, 0.85
+    badge(ax, 2.28, 4.55, 2, OURS)
+    label(ax, 2.48, 4.55, "route chat_completions() (serving/app.py)", ha="left", size=8)
+    path_arrow(ax, [(8.65, ya), (8.65, 4.72), (6.1, 4.72), (6.1, 4.4), (2.8, 4.4), (2.8, yb + hb)])
+    for i, (x, w, text, err) in enumerate(row_b):
+        box(ax, x, yb, w, hb, text, OURS, size=7.5)
+        if i:
+            arrow(ax, (row_b[i - 1][0] + row_b[i - 1][1], yb + hb / 2), (x, yb + hb / 2))
+        if err:
+            label(ax, x + w - 0.05, yb - 0.12, err, ha="right", size=7.5, color=ERROR, weight="bold")
+    # every 4xx leaves through add_error_handlers, in OpenAI's envelope (FastAPI's own 422 becomes 400)
+    arrow(ax, (2.15, yb + hb / 2), (1.85, 3.85), ERROR, dashed=True, lw=1)
+    path_arrow(ax, [(2.55, ya), (2.55, 4.72), (1.6, 4.72), (1.6, 4.3)], ERROR, dashed=True, lw=1)
+
+    # 3: the engine's step loop; every running request shares each forward pass
+    engine = [(7.75, 2.05, "Scheduler.schedule()\nseats and KV-cache\nblocks (scheduler.py)"),
+              (5.45, 2.05, "ModelRunner.forward()\none batched pass\n(runner.py)"),
+              (3.45, 1.75, "sample next token\nSamplingParams\n(sampling.py)"),
+              (2.15, 1.1, "detokenize\n+ stop\nstrings")]
+    ye, he = 0.75, 0.85
+    badge(ax, 7.45, 1.98, 3, MODEL)
+    label(ax, 8.55, 1.98, "queued (FIFO)", ha="right", size=8, color=MODEL)
+    arrow(ax, (8.75, yb), (8.75, ye + he))
+    for i, (x, w, text) in enumerate(engine):
+        box(ax, x, ye, w, he, text, MODEL, size=7.5)
+        if i:
+            arrow(ax, (engine[i - 1][0], ye + he / 2), (x + w, ye + he / 2))
+    path_arrow(ax, [(2.7, ye), (2.7, 0.45), (8.8, 0.45), (8.8, ye)], MODEL, dashed=True)
+    label(ax, 5.75, 0.3, "next step: one token per running request, until stop or max_tokens; "
+          "new requests join at the next step", size=7.5, color=MODEL, style="italic")
+
+    # 4: the result, in OpenAI's shape, back to the client
+    badge(ax, 8.25, 2.83, 4, OURS)
+    box(ax, 2.5, 2.55, 5.5, 0.57, "chat_completion() builds ChatCompletion(id, choices[].message,\n"
+        "choices[].finish_reason, usage)   (serving/responses.py)", OURS, size=7.5)
+    arrow(ax, (2.7, ye + he), (2.7, 2.55), MODEL)
+    label(ax, 2.8, 2.0, "GenerationResult", ha="left", size=7.5, color=MODEL)
+    arrow(ax, (2.5, 2.85), (1.85, 2.85), OURS)
+    return save(fig, out_dir, "request_path.svg")
+
+
+def sse_chunk_sequence(out_dir: Path) -> Path:
+    """Notebook 03: the events of one streamed chat answer, in the order sse_stream and ChatRenderer write them."""
+    fig, ax = canvas(6.4)
+    client_x, server_x, axis_x = 1.55, 8.45, 0.55
+    top, bottom = 5.75, 0.85
+    for x, name, color in [(client_x, "client", CLIENT), (server_x, "our server", OURS)]:
+        box(ax, x - 0.6, top, 1.2, 0.38, name, color, weight="bold")
+        ax.plot([x, x], [bottom, top], color=color, linewidth=1.2, linestyle=":")
+    # the time axis on the left, downwards
+    arrow(ax, (axis_x, top + 0.2), (axis_x, bottom), MUTED, lw=1.2)
+    label(ax, axis_x - 0.1, top + 0.35, "time", ha="left", size=8, color="#4a5568")
+
+    rest = '"finish_reason": null}]}'
+    content = [("Paris", "prefill + 1st token"), (" is", "decode step"), (" the", "decode step"),
+               (" capital", "decode step"), (".", "last token")]
+    events = [  # (y, frame text, colour, note on the server side)
+        (5.3, "POST /v1/chat/completions  {..., \"stream\": true, \"stream_options\": {\"include_usage\": true}}",
+         CLIENT, "request queued"),
+        (4.85, 'data: {…, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, ' + rest,
+         OURS, "sent at once"),
+        *[(3.95 - 0.45 * i, 'data: {…, "choices": [{"index": 0, "delta": {"content": "%s"}, ' % piece + rest,
+           MODEL, note) for i, (piece, note) in enumerate(content)],
+        (1.75, 'data: {…, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}', OURS, "same step"),
+        (1.4, 'data: {…, "choices": [], "usage": {"prompt_tokens": …, "completion_tokens": …, '
+         '"total_tokens": …}}', OURS, "include_usage only"),
+        (1.05, "data: [DONE]", OURS, "end of stream"),
+    ]
+    for i, (y, text, color, note) in enumerate(events):
+        if i == 0:
+            arrow(ax, (client_x, y), (server_x, y), CLIENT, lw=1.4)
+        else:
+            arrow(ax, (server_x, y), (client_x, y), color, lw=1.4)
+        label(ax, client_x + 0.12, y + 0.13, text, ha="left", size=7.3, mono=True)
+        label(ax, server_x + 0.12, y, note, ha="left", size=7.5, color="#4a5568", style="italic")
+        ax.plot([axis_x - 0.06, axis_x + 0.06], [y, y], color="#4a5568", linewidth=1)
+    label(ax, axis_x - 0.1, 0.6, r"each event is one data: line and a blank line (\n\n);  "
+          "{…} = the same \"id\", \"object\": \"chat.completion.chunk\", \"created\", \"model\" in every chunk",
+          ha="left", size=7.3, color="#4a5568")
+    label(ax, axis_x - 0.1, 0.35, "with include_usage every other chunk also carries \"usage\": null; "
+          "a slow reader gets merged steps (fewer, longer chunks), never different text", ha="left", size=7.3,
+          color="#4a5568")
+
+    # what the time axis measures: TTFT to the first text, then the gaps between tokens
+    def bracket(y1, y2, text, color):
+        x = axis_x + 0.18
+        ax.plot([x + 0.06, x, x, x + 0.06], [y1, y1, y2, y2], color=color, linewidth=1.3)
+        label(ax, x + 0.1, (y1 + y2) / 2, text, ha="left", size=7.5, color=color, weight="bold")
+
+    bracket(5.3, 3.95, "TTFT:\nqueue\n+ prefill", MODEL)
+    for i in range(len(content) - 1):
+        bracket(3.95 - 0.45 * i, 3.5 - 0.45 * i, "ITL", MODEL)
+    ax.add_patch(Rectangle((server_x - 0.05, 1.75), 0.1, 3.55, facecolor=TINT[MODEL], edgecolor=MODEL, lw=0.8))
+    return save(fig, out_dir, "sse_chunk_sequence.svg")
+
+
+def tool_round_trip(out_dir: Path) -> Path:
+    """The tools notebook: one tool call, from the request with ``tools`` to the answer that uses the result."""
+    fig, ax = canvas(6.9)
+    client_x, server_x = 1.2, 8.9
+    top, bottom = 6.35, 0.75
+    box(ax, client_x - 1.05, top, 2.1, 0.42, "client: ChatSession\n(client/session.py)", CLIENT, size=8)
+    box(ax, server_x - 0.95, top, 1.9, 0.42, "our server\n+ the model", OURS, size=8)
+    for x, color in [(client_x, CLIENT), (server_x, OURS)]:
+        ax.plot([x, x], [bottom, top], color=color, linewidth=1.2, linestyle=":", zorder=0)
+
+    def message(y, lines, color, number, leftwards):
+        start, end = (server_x, client_x) if leftwards else (client_x, server_x)
+        arrow(ax, (start, y), (end, y), color, lw=1.4)
+        badge(ax, 0.75, y + 0.13 + 0.17 * (len(lines) - 1), number, color)
+        for i, line in enumerate(lines):
+            label(ax, client_x + 0.3, y + 0.13 + 0.17 * (len(lines) - 1 - i), line, ha="left", size=7.3, mono=True)
+
+    message(5.75, ['POST /v1/chat/completions  {"messages": [{"role": "user", "content": "Weather in Paris?"}],',
+                   '  "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {…}}}]}'],
+            CLIENT, 1, False)
+    box(ax, 2.6, 4.45, 6.1, 0.85, "", OURS)
+    badge(ax, 2.8, 5.1, 2, OURS)
+    label(ax, 3.0, 5.1, "the chat template writes the tools into the system prompt (# Tools … <tools>{…}</tools>);",
+          ha="left", size=7.5)
+    label(ax, 3.0, 4.88, "the model answers with a call in its text:", ha="left", size=7.5)
+    label(ax, 2.75, 4.62, '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+          ha="left", size=7.3, mono=True, color=MODEL)
+    message(3.75, ['"message": {"role": "assistant", "content": null, "tool_calls": [{"id": "call_…",',
+                   '  "type": "function", "function": {"name": "get_weather", "arguments": "{\\"city\\": '
+                   '\\"Paris\\"}"}}]}',
+                   '"finish_reason": "tool_calls"      (ToolCallParser, serving/tool_parser.py)'],
+            OURS, 3, True)
+    box(ax, 0.2, 2.75, 6.2, 0.5, "", CLIENT)
+    badge(ax, 0.45, 3.0, 4, CLIENT)
+    label(ax, 0.65, 3.0, 'the client runs the registered function itself (Tool.run):  get_weather(city="Paris") '
+          '→ "18°C, sunny"', ha="left", size=7.5)
+    message(1.95, ['{"messages": [the user message, the assistant message with tool_calls,',
+                   '  {"role": "tool", "tool_call_id": "call_…", "content": "18°C, sunny"}], "tools": [...]}',
+                   'the template shows the result to the model as <tool_response>18°C, sunny</tool_response>'],
+            CLIENT, 5, False)
+    message(1.0, ['"message": {"role": "assistant", "content": "It is 18°C and sunny in Paris."},',
+                  '"finish_reason": "stop"'], MODEL, 6, True)
+    label(ax, 0.2, 0.35, "ChatSession repeats 3-5 while the model calls tools (at most max_tool_rounds); the pair it "
+          "stores keeps the tool steps. A call forced by name answers with \"finish_reason\": \"stop\".",
+          ha="left", size=7.3, color="#4a5568")
+    return save(fig, out_dir, "tool_round_trip.svg")
+
+
+def history_window(out_dir: Path) -> Path:
+    """Notebook 06: which messages build_window sends under a token budget (an example conversation)."""
+    fig, ax = canvas(5.6)
+    max_model_len, answer = 1024, 256
+    budget = max_model_len - answer
+    system_tokens, question_tokens = 40, 35  # the question includes the template's generation prompt
+    pairs = [180, 100, 210, 190, 220, 170]  # tokens of each whole pair, oldest first
+    kept, used = 0, system_tokens + question_tokens
+    while kept < len(pairs) and used + pairs[-kept - 1] <= budget:  # build_window: grow from the newest backwards
+        used += pairs[-kept - 1]
+        kept += 1
+    first_kept = len(pairs) - kept
+
+    label(ax, 0.2, 5.3, "the whole conversation (ChatSession.pairs), oldest at the top", ha="left", size=8.5,
+          weight="bold")
+    row_h, gap, y = 0.4, 0.08, 4.75
+
+    def sent(row_y, dropped=False):
+        label(ax, 5.45, row_y + row_h / 2, "dropped" if dropped else "sent", ha="left", size=8,
+              color=ERROR if dropped else CLIENT, weight="bold")
+
+    box(ax, 0.2, y, 4.6, row_h, "system prompt: pinned, always sent", CLIENT, size=8)
+    label(ax, 4.95, y + row_h / 2, f"{system_tokens}", ha="left", size=8)
+    sent(y)
+    for i, tokens in enumerate(pairs):
+        y -= row_h + gap
+        dropped = i < first_kept
+        color = MUTED if dropped else CLIENT
+        box(ax, 0.2, y, 0.65, row_h, f"pair {i + 1}", color, size=8, fill="white" if dropped else None)
+        box(ax, 0.95, y, 1.85, row_h, f"user: question {i + 1}", color, size=8, fill=TINT[MUTED] if dropped else None)
+        box(ax, 2.9, y, 1.9, row_h, f"assistant: answer {i + 1}", color, size=8,
+            fill=TINT[MUTED] if dropped else None)
+        label(ax, 4.95, y + row_h / 2, f"{tokens}", ha="left", size=8, color=MUTED if dropped else INK)
+        sent(y, dropped)
+    y -= row_h + gap
+    box(ax, 0.2, y, 4.6, row_h, "user: the current question (+ generation prompt): always sent", CLIENT, size=8)
+    label(ax, 4.95, y + row_h / 2, f"{question_tokens}", ha="left", size=8)
+    sent(y)
+    label(ax, 4.95, 5.3, "tokens", ha="left", size=8, weight="bold")
+
+    label(ax, 0.2, 0.92, f"build_window grows the window from the newest pair backwards while the whole prompt "
+          f"fits the budget ({used} ≤ {budget} here);\npair {first_kept} does not fit, so it and everything older is dropped "
+          f"(pair {first_kept - 1} is smaller, but a gap is never skipped).", ha="left", va="top", size=7.5)
+    label(ax, 0.2, 0.38, "a pair is never split (its tool steps travel with it); if the system prompt and the "
+          "question alone exceed the budget: PromptTooLongError", ha="left", size=7.5, color="#4a5568")
+
+    # the context: the prompt's budget below, the answer's reserve on top
+    bx, bw, b0, scale = 7.75, 0.55, 1.3, 3.75 / max_model_len
+    label(ax, bx + bw / 2, 5.3, f"context: max_model_len = {max_model_len}", size=8.5, weight="bold")
+    segments = [(system_tokens, CLIENT, "system")]
+    segments += [(pairs[i], CLIENT, f"pair {i + 1}") for i in range(first_kept, len(pairs))]
+    segments += [(question_tokens, CLIENT, "question"), (budget - used, None, f"free: {budget - used}")]
+    y = b0
+    for tokens, color, name in segments:
+        h = tokens * scale
+        ax.add_patch(Rectangle((bx, y), bw, h, facecolor=TINT[color] if color else "white",
+                               edgecolor=color or MUTED, linewidth=1))
+        label(ax, bx + bw + 0.08, y + h / 2, name, ha="left", size=7.5, color=INK if color else "#4a5568")
+        y += h
+    ax.add_patch(Rectangle((bx, y), bw, answer * scale, facecolor=TINT[MODEL], edgecolor=MODEL, hatch="///",
+                           linewidth=1))
+    label(ax, bx + bw + 0.08, y + answer * scale / 2, f"reserved for the\nanswer: max_tokens\n= {answer}",
+          ha="left", size=7.5, color=MODEL)
+    brace_x = bx - 0.12
+    ax.plot([brace_x + 0.06, brace_x, brace_x, brace_x + 0.06], [b0, b0, b0 + budget * scale, b0 + budget * scale],
+            color=OURS, linewidth=1.3)
+    label(ax, brace_x - 0.08, b0 + budget * scale / 2,
+          f"prompt budget\nmax_history_tokens\n= max_model_len\n− max_tokens\n= {budget}", ha="right", size=7.5,
+          color=OURS, weight="bold")
+    return save(fig, out_dir, "history_window.svg")
+
+
+FIGURES = {  # file name → function; the test compares this list with the committed files
+    "request_path.svg": request_path,
+    "sse_chunk_sequence.svg": sse_chunk_sequence,
+    "tool_round_trip.svg": tool_round_trip,
+    "history_window.svg": history_window,
+}
+
+
+def main(argv: list[str]) -> None:
+    out_dir = Path(argv[0]) if argv else HERE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, draw in FIGURES.items():
+        print(draw(out_dir))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
