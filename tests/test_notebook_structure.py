@@ -4,13 +4,16 @@ Shape: a "What you will learn" markdown cell first (its title numbered as the fi
 after the last numbered section, a versions cell near the top (it prints the python, torch,
 transformers and course package versions), an exercises section, and after it a solution cell that is collapsed
 (``"jupyter": {"source_hidden": true}``). Committed executed top to bottom (1..N) with kernelspec ``python3``, or
-nbval compares nothing.
+nbval compares nothing. Every image a markdown cell shows exists, and the mechanism figures in notebooks/figures/
+are exactly what ``make_figures.py`` draws.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +141,51 @@ def test_solution_cells_look_alike_and_versions_are_not_compared(path: Path):
             assert "solution" in cell["metadata"].get("tags", []) and cell["metadata"]["jupyter"]["source_hidden"]
     versions = next(c for c in code if all(word in text(c).lower() for word in ("platform", "version")))
     assert "NBVAL_IGNORE_OUTPUT" in text(versions)
+
+
+# ---- figures ------------------------------------------------------------------------------------------------
+FIGURES_DIR = ROOT / "notebooks" / "figures"
+FIGURES_SCRIPT = FIGURES_DIR / "make_figures.py"
+MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)")
+FIGURE_NAMES = {"request_path.svg", "sse_chunk_sequence.svg", "tool_round_trip.svg", "history_window.svg"}
+SVG_CREATOR = re.compile(r"Matplotlib v([^,<\s]+)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_image_in_markdown_exists(path: Path):
+    """An image a markdown cell shows (``![alt](figures/x.svg)``) is a file in the repository, and has alt text."""
+    for cell in cells(path):
+        if cell["cell_type"] != "markdown":
+            continue
+        for match in MARKDOWN_IMAGE.finditer(text(cell)):
+            target = match.group(1)
+            if target.startswith(("http://", "https://", "attachment:", "data:")):
+                continue
+            assert (path.parent / target).is_file(), f"{path.name} shows {target}, which does not exist"
+            assert len(match.group(0)) > len(f"![]({target}") + 20, f"{path.name}: describe {target} in its alt text"
+
+
+def test_the_figures_script_draws_the_committed_figures():
+    """``make_figures.py`` lists exactly the SVG files committed next to it, and they are the four of issue 18."""
+    script = FIGURES_SCRIPT.read_text(encoding="utf-8")
+    listed = set(re.findall(r'^    "([\w.]+\.svg)": \w+,$', script, re.M))
+    committed = {p.name for p in FIGURES_DIR.glob("*.svg")}
+    assert listed == committed == FIGURE_NAMES
+
+
+def test_the_figures_are_reproduced_byte_for_byte(tmp_path: Path):
+    """Running the script into a temporary folder gives the committed files exactly (it takes about a second),
+    so a figure cannot drift from the script. Paths and glyphs depend on matplotlib's version, so the comparison
+    runs with the version the committed files name; with another one, regenerate them
+    (``python notebooks/figures/make_figures.py``) rather than compare."""
+    matplotlib = pytest.importorskip("matplotlib")
+    made_with = {SVG_CREATOR.search((FIGURES_DIR / name).read_text(encoding="utf-8")).group(1) for name in FIGURE_NAMES}
+    if made_with != {matplotlib.__version__}:
+        pytest.skip(f"figures made with matplotlib {sorted(made_with)}, this is {matplotlib.__version__}")
+    run = subprocess.run([sys.executable, str(FIGURES_SCRIPT), str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert {p.name for p in tmp_path.iterdir()} == FIGURE_NAMES
+    changed = [name for name in sorted(FIGURE_NAMES)
+               if (tmp_path / name).read_bytes() != (FIGURES_DIR / name).read_bytes()]
+    assert not changed, f"{changed} differ from make_figures.py's output: run python notebooks/figures/make_figures.py"
