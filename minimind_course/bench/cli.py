@@ -32,6 +32,8 @@ from minimind_course.bench.loadgen import (
 from minimind_course.bench.overhead import OverheadConfig, format_overhead, measure_overhead
 
 SUBCOMMANDS = ("sweep", "overhead", "batching")
+ROUNDS_HELP = ("waves of C requests at least at each level C: a level sends max(--requests-per-level, rounds x C), so "
+               "most requests run with C others in flight (one wave has no steady state; default: %(default)s)")
 
 
 def concurrency_list(text: str) -> list[int]:
@@ -62,7 +64,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=concurrency_list, default=list(DEFAULT_CONCURRENCY),
                         help="comma-separated levels (default: %(default)s)")
     parser.add_argument("--requests-per-level", type=positive_int, default=32,
-                        help="requests sent at each level (default: %(default)s)")
+                        help="requests sent at each level, at least (default: %(default)s)")
+    parser.add_argument("--rounds", type=positive_int, default=4, help=ROUNDS_HELP)
     parser.add_argument("--max-tokens", type=positive_int, default=64,
                         help="tokens generated per request (default: %(default)s)")
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
@@ -93,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Starts each server in turn, sweeps it with the same streamed greedy "
                                 "requests, reads its /metrics; then measures the engine in-process.")
     batch.add_argument("--concurrency", type=concurrency_list, default=[1, 16], help="levels (default: 1,16)")
-    batch.add_argument("--requests-per-level", type=positive_int, default=32, help="(default: %(default)s)")
+    batch.add_argument("--requests-per-level", type=positive_int, default=32, help="at least (default: %(default)s)")
+    batch.add_argument("--rounds", type=positive_int, default=4, help=ROUNDS_HELP)
     batch.add_argument("--max-tokens", type=positive_int, default=64, help="tokens per answer (default: %(default)s)")
     batch.add_argument("--max-num-seqs", type=positive_int, default=32, help="seats of the batched servers")
     batch.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
@@ -106,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_sweep(args: argparse.Namespace) -> int:
     config = SweepConfig(
         base_url=args.base_url, model=args.model, api_key=args.api_key, concurrency=args.concurrency,
-        requests_per_level=args.requests_per_level, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
-        timeout=args.timeout,
+        requests_per_level=args.requests_per_level, rounds=args.rounds, max_tokens=args.max_tokens,
+        ignore_eos=args.ignore_eos, timeout=args.timeout,
     )  # fmt: skip
     try:
         results = asyncio.run(sweep(config, progress=args.progress))
@@ -115,7 +119,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"{config.base_url}  model={config.model!r}  max_tokens={config.max_tokens}  "
-          f"requests/level={config.requests_per_level}")
+          f"requests/level=max({config.requests_per_level}, {config.rounds} x concurrency)")
     print(format_table(results))
     view = server_metrics(config.base_url)
     if view is not None:  # next to the client's measurements: what the server itself counted
@@ -153,8 +157,8 @@ def run_batching_command(args: argparse.Namespace) -> int:
     from minimind_course.bench.batching import BatchingConfig, format_batching, plot_batching, run_batching
 
     config = BatchingConfig(concurrency=tuple(args.concurrency), requests_per_level=args.requests_per_level,
-                            max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs, threads=args.threads,
-                            vllm=args.vllm)
+                            rounds=args.rounds, max_tokens=args.max_tokens, max_num_seqs=args.max_num_seqs,
+                            threads=args.threads, vllm=args.vllm)
     try:
         report = run_batching(config)
     except (RuntimeError, OSError, httpx.HTTPError) as err:

@@ -1,10 +1,15 @@
 """Load generator for any OpenAI-compatible endpoint: a concurrency sweep of streamed, greedy chat requests.
 
-For each concurrency level C, ``requests_per_level`` requests are sent by C workers (so C are always in flight),
-each one streamed with ``stream_options.include_usage`` so the server's own token count is used. Measured per
-request (``bench.timing``): TTFT (time to the first text), end-to-end latency, output tokens, and inter-token
-latency per token (ITL = time after the first token / tokens after the first, vLLM's "TPOT"). Per level: output tokens/s of the
-whole server, percentiles, errors. Same method as vLLM's ``benchmark_serving``, small enough to read.
+One warm-up request first (lazy initialisation stays out of the numbers). Then for each concurrency level C,
+``max(requests_per_level, rounds * C)`` requests are sent by C workers, so C are always in flight and every level
+runs several waves of C: a single wave has no steady state (its requests start together and finish staggered, or
+queue behind each other), while with ``rounds`` waves most requests see C others in flight, which is what Little's
+law and the per-level averages assume. Each request is streamed with ``stream_options.include_usage`` so the
+server's own token count is used. Measured per request (``bench.timing``): TTFT (time to the first text),
+end-to-end latency, output tokens, text chunks, and inter-token latency per token (ITL = time after the first token
+/ tokens after the first, vLLM's "TPOT"; per token because a server may send several tokens in one chunk). Per
+level: output tokens/s of the whole server, percentiles, tokens per text chunk, errors. Same method as vLLM's
+``benchmark_serving``, small enough to read.
 """
 
 from __future__ import annotations
@@ -76,6 +81,12 @@ class LevelResult:
         return sum(r.output_tokens for r in self.records if r.ok)
 
     @property
+    def tokens_per_chunk(self) -> float | None:
+        """Mean output tokens per text chunk over the level (1.0: one token per SSE event; more: bursts)."""
+        chunks = sum(r.chunks for r in self.records if r.ok)
+        return self.output_tokens / chunks if chunks else None
+
+    @property
     def throughput(self) -> float:
         """Output tokens per second of the whole server at this concurrency."""
         return self.output_tokens / self.duration if self.duration > 0 else 0.0
@@ -91,6 +102,7 @@ class LevelResult:
             "duration_s": self.duration,
             "output_tokens": self.output_tokens,
             "output_tokens_per_s": self.throughput,
+            "tokens_per_chunk": self.tokens_per_chunk,
             "requests_per_s": (len(self.records) - self.errors) / self.duration if self.duration > 0 else 0.0,
             "ttft_s": _stats_dict(self.ttft),
             "itl_s": _stats_dict(self.itl),
@@ -107,7 +119,8 @@ class SweepConfig:
     model: str = "minimind"
     api_key: str = "not-needed"
     concurrency: Sequence[int] = DEFAULT_CONCURRENCY
-    requests_per_level: int = 32
+    requests_per_level: int = 32  # at least; a level sends max(requests_per_level, rounds * concurrency)
+    rounds: int = 4  # waves of `concurrency` requests per level at least, so each level reaches a steady state
     max_tokens: int = 64
     ignore_eos: bool = True  # every answer exactly max_tokens long, so levels and backends compare fairly
     prompts: Sequence[str] = DEFAULT_PROMPTS
@@ -117,10 +130,14 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if not self.concurrency or any(c < 1 for c in self.concurrency):
             raise ValueError("concurrency levels must be positive integers")
-        if self.requests_per_level < 1 or self.max_tokens < 1:
-            raise ValueError("requests_per_level and max_tokens must be at least 1")
+        if self.requests_per_level < 1 or self.rounds < 1 or self.max_tokens < 1:
+            raise ValueError("requests_per_level, rounds and max_tokens must be at least 1")
         if not self.prompts:
             raise ValueError("at least one prompt is needed")
+
+    def requests_at(self, concurrency: int) -> int:
+        """How many requests the level with ``concurrency`` users sends: ``rounds`` waves at least."""
+        return max(self.requests_per_level, self.rounds * concurrency)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -144,8 +161,8 @@ async def timed_request(client: openai.AsyncOpenAI, config: SweepConfig, prompt:
 async def run_level(
     client: openai.AsyncOpenAI, config: SweepConfig, concurrency: int, on_done: Callable[[], None] | None = None
 ) -> LevelResult:
-    """Send ``requests_per_level`` requests with ``concurrency`` of them in flight at any time."""
-    prompts = [config.prompts[i % len(config.prompts)] for i in range(config.requests_per_level)]
+    """Send ``config.requests_at(concurrency)`` requests with ``concurrency`` of them in flight at any time."""
+    prompts = [config.prompts[i % len(config.prompts)] for i in range(config.requests_at(concurrency))]
     records: list[TimedStream | None] = [None] * len(prompts)
     next_index = iter(range(len(prompts)))
 
@@ -166,7 +183,7 @@ async def sweep(config: SweepConfig, progress: bool = True) -> list[LevelResult]
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(config.concurrency) * config.requests_per_level, unit="req", desc="sweep")
+        bar = tqdm(total=sum(map(config.requests_at, config.concurrency)), unit="req", desc="sweep")
     async with openai.AsyncOpenAI(base_url=config.base_url, api_key=config.api_key, max_retries=0,
                                   timeout=config.timeout) as client:
         if config.warmup:  # the first request pays for lazy initialisation (kernels, caches); keep it out
@@ -225,15 +242,17 @@ def format_server_view(view: dict[str, float]) -> str:
 
 
 def format_table(results: Sequence[LevelResult]) -> str:
-    """A fixed-width text table of the sweep, one line per concurrency level."""
+    """A fixed-width text table of the sweep, one line per concurrency level (tok/chunk: output tokens per text
+    chunk; above 1 the server sent tokens in bursts, which is why ITL is per token)."""
     header = (f"{'conc':>4} {'reqs':>4} {'err':>3} {'tok/s total':>11} {'tok/s/req p50':>13} "
-              f"{'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>9} {'ITL p95':>9}")
+              f"{'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>9} {'ITL p95':>9} {'tok/chunk':>9}")
     lines = [header]
     for r in results:
         def ms(stats: Stats | None, key: str) -> str:
             return f"{getattr(stats, key) * 1000:7.1f}ms" if stats else "      n/a"
 
         per_request = f"{r.request_tokens_per_s.p50:13.1f}" if r.request_tokens_per_s else f"{'n/a':>13}"
+        per_chunk = f"{r.tokens_per_chunk:9.2f}" if r.tokens_per_chunk else f"{'n/a':>9}"
         lines.append(f"{r.concurrency:>4} {len(r.records):>4} {r.errors:>3} {r.throughput:>11.1f} {per_request} "
-                     f"{ms(r.ttft, 'p50')} {ms(r.ttft, 'p95')} {ms(r.itl, 'p50')} {ms(r.itl, 'p95')}")
+                     f"{ms(r.ttft, 'p50')} {ms(r.ttft, 'p95')} {ms(r.itl, 'p50')} {ms(r.itl, 'p95')} {per_chunk}")
     return "\n".join(lines)
