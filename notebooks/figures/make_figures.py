@@ -115,6 +115,16 @@ def lane(ax, x, y, w, h, name, color):
 
 
 # ---- the figures ------------------------------------------------------------------------------------------
+def step_row(ax, row, y, h):
+    """Boxes ``(x, width, text, status)`` left to right at height ``y``, joined by arrows, each status in red."""
+    for i, (x, w, text, err) in enumerate(row):
+        box(ax, x, y, w, h, text, OURS, size=7.5)
+        if i:
+            arrow(ax, (row[i - 1][0] + row[i - 1][1], y + h / 2), (x, y + h / 2))
+        if err:
+            label(ax, x + w - 0.05, y - 0.12, err, ha="right", size=7.5, color=ERROR, weight="bold")
+
+
 def request_path(out_dir: Path) -> Path:
     """Notebook 02: one non-streamed chat request through our server and back (names from serving/ and engine/)."""
     fig, ax = canvas(6.55)
@@ -139,12 +149,7 @@ def request_path(out_dir: Path) -> Path:
           "validated", ha="left", size=8)
     arrow(ax, (1.85, 5.35), (2.15, 5.35))
     ya, ha_ = 4.95, 0.8
-    for i, (x, w, text, err) in enumerate(row_a):
-        box(ax, x, ya, w, ha_, text, OURS, size=7.5)
-        if i:
-            arrow(ax, (row_a[i - 1][0] + row_a[i - 1][1], ya + ha_ / 2), (x, ya + ha_ / 2))
-        if err:
-            label(ax, x + w - 0.05, ya - 0.12, err, ha="right", size=7.5, color=ERROR, weight="bold")
+    step_row(ax, row_a, ya, ha_)
 
     # 2: the route turns messages into token ids and queues them
     row_b = [(2.15, 1.3, "check_model\nunknown name", "404"),
@@ -155,12 +160,7 @@ def request_path(out_dir: Path) -> Path:
     badge(ax, 2.28, 4.55, 2, OURS)
     label(ax, 2.48, 4.55, "route chat_completions() (serving/app.py)", ha="left", size=8)
     path_arrow(ax, [(8.65, ya), (8.65, 4.72), (6.1, 4.72), (6.1, 4.4), (2.8, 4.4), (2.8, yb + hb)])
-    for i, (x, w, text, err) in enumerate(row_b):
-        box(ax, x, yb, w, hb, text, OURS, size=7.5)
-        if i:
-            arrow(ax, (row_b[i - 1][0] + row_b[i - 1][1], yb + hb / 2), (x, yb + hb / 2))
-        if err:
-            label(ax, x + w - 0.05, yb - 0.12, err, ha="right", size=7.5, color=ERROR, weight="bold")
+    step_row(ax, row_b, yb, hb)
     # every 4xx leaves through add_error_handlers, in OpenAI's envelope (FastAPI's own 422 becomes 400)
     arrow(ax, (2.15, yb + hb / 2), (1.85, 3.85), ERROR, dashed=True, lw=1)
     path_arrow(ax, [(2.55, ya), (2.55, 4.72), (1.6, 4.72), (1.6, 4.3)], ERROR, dashed=True, lw=1)
