@@ -280,3 +280,17 @@ def test_documented_make_targets_exist():
     used = {(str(b), t) for b in ALL_BLOCKS for t in re.findall(r"(?:^|[;&|(]|\s)make ([a-z][\w-]*)", b.code)}
     missing = sorted(f"{where}: make {t}" for where, t in used if t not in targets)
     assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("readme, minute, total", [
+    ("README.md", r"\| (\d+) min \|", r"About (\d+) h (\d+) min in all"),
+    ("README.zh-CN.md", r"\| (\d+) 分钟 \|", r"合计约 (\d+) 小时 (\d+) 分钟"),
+])
+def test_the_readme_total_is_the_sum_of_the_notebook_times(readme, minute, total):
+    """The course's stated length is what its notebook table adds up to (one row per course notebook)."""
+    text = (ROOT / readme).read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if re.match(r"\| \d\d \| \[", line)]
+    assert len(rows) == len([p for p in NOTEBOOKS if re.match(r"\d\d_", p.name)])
+    minutes = sum(int(re.search(minute, row).group(1)) for row in rows)
+    hours, rest = (int(g) for g in re.search(total, text).groups())
+    assert minutes == 60 * hours + rest
