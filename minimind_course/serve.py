@@ -155,11 +155,10 @@ def serve_minimind(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.backend == "vllm":
-        from minimind_course.serving.vllm_launcher import serve_vllm, vllm_import_problem, vllm_installed
+        from minimind_course.serving.vllm_launcher import serve_vllm, vllm_installed, vllm_problem
 
-        if vllm_installed() and (problem := vllm_import_problem()) is not None:
-            raise SystemExit(f"error: vLLM is installed but cannot be imported: {problem} "
-                             "(see docs/troubleshooting.md)")
+        if vllm_installed() and (problem := vllm_problem()) is not None:
+            raise SystemExit(f"error: {problem} (see docs/troubleshooting.md)")
         return serve_vllm(args)  # reports a missing vLLM itself, with the install command
     return serve_minimind(args)
 
