@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 
@@ -142,6 +143,8 @@ def serve_minimind(args: argparse.Namespace) -> int:
         print("warning: listening on the network without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a shell starts `serve ... &` with SIGINT ignored;
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # uvicorn stops on it anyway: exit as Ctrl+C does
     try:
         server.run(sockets=[sock])  # uvicorn re-raises Ctrl+C / SIGTERM after a graceful shutdown
     except KeyboardInterrupt:

@@ -95,13 +95,20 @@ def test_options_are_parsed_for_both_backends():
     assert {"model", "host", "port", "served_model_name", "api_key", "dtype"} <= set(vars(args))
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_serves_an_openai_endpoint_and_stops_cleanly(stop_signal):
+def ignore_sigint() -> None:
+    """What a shell does to a background job (`serve ... &`): the child starts with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("stop_signal,preexec", [(signal.SIGINT, None), (signal.SIGTERM, None),
+                                                 (signal.SIGINT, ignore_sigint)],
+                         ids=["ctrl-c", "sigterm", "ctrl-c-background-job"])
+def test_serves_an_openai_endpoint_and_stops_cleanly(stop_signal, preexec):
     port = free_port()
     env = {**os.environ, "MINIMIND_API_KEY": "class-key"}
     process = subprocess.Popen([*SERVE, *MODEL, "--port", str(port), "--served-model-name", "tiny",
                                 "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True,
-                               encoding="utf-8")
+                               encoding="utf-8", preexec_fn=preexec)
     try:
         wait_for_health(f"http://127.0.0.1:{port}", alive=lambda: process.poll() is None, timeout=120)
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="class-key", max_retries=0) as client:
