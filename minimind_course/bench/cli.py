@@ -57,17 +57,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """How much each level sends, the same for ``sweep`` and ``batching``."""
+    parser.add_argument("--requests-per-level", type=positive_int, default=32,
+                        help="requests sent at each level, at least (default: %(default)s)")
+    parser.add_argument("--rounds", type=positive_int, default=4, help=ROUNDS_HELP)
+    parser.add_argument("--max-tokens", type=positive_int, default=64,
+                        help="tokens generated per request (default: %(default)s)")
+
+
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8998/v1", help="OpenAI base URL, ending in /v1")
     parser.add_argument("--model", default="minimind", help="served model name")
     parser.add_argument("--api-key", default="not-needed", help="sent as 'Authorization: Bearer KEY'")
     parser.add_argument("--concurrency", type=concurrency_list, default=list(DEFAULT_CONCURRENCY),
                         help="comma-separated levels (default: %(default)s)")
-    parser.add_argument("--requests-per-level", type=positive_int, default=32,
-                        help="requests sent at each level, at least (default: %(default)s)")
-    parser.add_argument("--rounds", type=positive_int, default=4, help=ROUNDS_HELP)
-    parser.add_argument("--max-tokens", type=positive_int, default=64,
-                        help="tokens generated per request (default: %(default)s)")
+    add_load_arguments(parser)
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="let answers stop at end-of-sequence (default: every answer is exactly --max-tokens)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
@@ -96,9 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Starts each server in turn, sweeps it with the same streamed greedy "
                                 "requests, reads its /metrics; then measures the engine in-process.")
     batch.add_argument("--concurrency", type=concurrency_list, default=[1, 16], help="levels (default: 1,16)")
-    batch.add_argument("--requests-per-level", type=positive_int, default=32, help="at least (default: %(default)s)")
-    batch.add_argument("--rounds", type=positive_int, default=4, help=ROUNDS_HELP)
-    batch.add_argument("--max-tokens", type=positive_int, default=64, help="tokens per answer (default: %(default)s)")
+    add_load_arguments(batch)
     batch.add_argument("--max-num-seqs", type=positive_int, default=32, help="seats of the batched servers")
     batch.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     batch.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip real vLLM")
