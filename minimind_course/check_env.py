@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 
 REQUIRED = ["torch", "transformers", "tokenizers", "safetensors", "fastapi", "uvicorn", "openai", "httpx", "ipywidgets"]
-OPTIONAL = {"vllm": "plan B: notebooks 05, 07, 08", "langchain_openai": "notebook 07",
-            "llama_index.llms.openai_like": "notebook 07"}
+OPTIONAL = {"vllm": "plan B: notebooks 05, 07, 08, 09", "langchain_openai": "notebooks 07, 08",
+            "llama_index.llms.openai_like": "notebook 08"}
 
 
 def _version(module: str) -> str:

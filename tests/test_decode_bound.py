@@ -1,4 +1,4 @@
-"""The decode-bound helpers of notebook 08: bytes counted once per tensor, measurements that run (no thresholds)."""
+"""The decode-bound helpers of notebook 09: bytes counted once per tensor, measurements that run (no thresholds)."""
 
 import torch
 

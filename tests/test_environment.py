@@ -1,6 +1,9 @@
 """environment.yml (conda users) declares exactly the requirements of pyproject.toml."""
 
+import ast
+import sys
 import tomllib
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import yaml
@@ -43,3 +46,35 @@ def test_environment_yml_matches_pyproject():
 def test_environment_yml_installs_the_package_itself():
     env = (ROOT / "environment.yml").read_text(encoding="utf-8")
     assert "-e ." in env and "python=3.11" in env
+
+
+# Imports that come with a declared requirement (FastAPI is built on Starlette and pydantic).
+PROVIDED_BY = {"starlette": "fastapi", "pydantic": "fastapi"}
+DEV_ONLY_LAYERS = ("bench", "training")  # dev-only layers, installed by `make test`: not part of `make serve`
+
+
+def imported_distributions(path: Path) -> set[str]:
+    """The installed distributions that the third-party imports of one module come from."""
+    providers = packages_distributions()
+    tops = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            tops |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            tops.add(node.module.split(".")[0])
+    tops -= set(sys.stdlib_module_names) | {"minimind_course"}
+    return {PROVIDED_BY.get(top) or providers[top][0].lower().replace("_", "-") for top in tops}
+
+
+def test_the_runtime_layers_import_only_declared_dependencies():
+    """`make serve` installs the base dependencies only: a module of the server or client that imports anything else
+    (xgrammar and jsonschema once came only with vLLM and JupyterLab) fails on that install."""
+    base = {name for name, _ in (normalise(spec) for spec in tomllib.loads(
+        (ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"])}
+    missing = {}
+    for path in (ROOT / "minimind_course").rglob("*.py"):
+        if path.relative_to(ROOT / "minimind_course").parts[0] in DEV_ONLY_LAYERS:
+            continue
+        if undeclared := imported_distributions(path) - base:
+            missing[str(path.relative_to(ROOT))] = sorted(undeclared)
+    assert not missing, f"imported but not in [project] dependencies: {missing}"

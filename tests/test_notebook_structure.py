@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-COURSE_NUMBERS = [f"{n:02d}" for n in range(9)]  # 00 setup check ... 04 inside the engine ... 08 benchmark
+COURSE_NUMBERS = [f"{n:02d}" for n in range(10)]  # 00 setup check ... 07 tools ... 09 benchmark
 VERSION_WORDS = ("python", "torch", "transformers", "minimind")
 VERSIONS_CELL_WITHIN = 3  # cells from the top
 EXERCISE_HEADING = re.compile(r"^#+ .*(exercise|练习)", re.I | re.M)

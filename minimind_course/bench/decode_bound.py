@@ -4,7 +4,7 @@ At batch 1 a decode step is a chain of matrix-vector products: each weight is us
 token, so the step is limited by how fast memory delivers the weights, not by arithmetic. Batching (vLLM's
 continuous batching) reuses each weight read for many sequences, which is where its throughput comes from.
 
-Used by notebook 08 on a MiniMind2-small-shaped model (26M parameters) with random weights: no download needed,
+Used by notebook 09 on a MiniMind2-small-shaped model (26M parameters) with random weights: no download needed,
 and random weights cost exactly as much to read as trained ones.
 """
 

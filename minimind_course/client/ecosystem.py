@@ -1,6 +1,6 @@
-"""Plug and play: what third-party OpenAI clients need to talk to MiniMind (notebook 07, docs/clients.md).
+"""Plug and play: what third-party OpenAI clients need to talk to MiniMind (notebook 08, docs/clients.md).
 
-Python clients (openai, LangChain, LlamaIndex) need only a base URL, any key and the model name, so notebook 07
+Python clients (openai, LangChain, LlamaIndex) need only a base URL, any key and the model name, so notebook 08
 calls them directly. Here live the pieces that are not one line: the exact ``curl`` command (run for real, its
 SSE parsed), the ChatML prompt a ``/v1/completions`` client must build itself, and the settings a learner types
 into GUI apps (NextChat, Chatbox, VS Code extensions).

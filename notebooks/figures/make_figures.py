@@ -11,7 +11,7 @@ checks it). Notebook 04 draws its own KV-cache and batching figures in code cell
 |---|---|---|
 | ``request_path.svg`` | notebook 02 | ``serving/app.py``, ``serving/middleware.py``, ``serving/responses.py``, ``engine/`` |
 | ``sse_chunk_sequence.svg`` | notebook 03 | ``serving/responses.py`` (``sse_stream``, ``ChatRenderer``) |
-| ``tool_round_trip.svg`` | the tools notebook | ``serving/tool_parser.py``, ``client/session.py``, the chat template |
+| ``tool_round_trip.svg`` | notebook 07 | ``serving/tool_parser.py``, ``client/session.py``, the chat template |
 | ``history_window.svg`` | notebook 06 | ``client/history.py`` (``build_window``) |
 """
 
@@ -248,7 +248,7 @@ def sse_chunk_sequence(out_dir: Path) -> Path:
 
 
 def tool_round_trip(out_dir: Path) -> Path:
-    """The tools notebook: one tool call, from the request with ``tools`` to the answer that uses the result."""
+    """Notebook 07: one tool call, from the request with ``tools`` to the answer that uses the result."""
     fig, ax = canvas(6.9)
     client_x, server_x = 1.2, 8.9
     top, bottom = 6.35, 0.75
