@@ -52,7 +52,7 @@ lab: setup-dev
 
 # Train into runs/ (never straight into the package), then bundle it only if it meets every evaluation floor.
 tiny-model: setup-dev
-	$(PY) -m minimind_course.train_tiny --out runs/minimind-tiny
+	$(PY) -m minimind_course.train_tiny --out runs/minimind-tiny --steps 1200
 	$(PY) -m minimind_course.eval_tiny --model runs/minimind-tiny --install
 
 eval: setup-dev

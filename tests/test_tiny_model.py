@@ -11,12 +11,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minimind_course.training.corpus import CorpusBuilder, build_corpus, load_json
-from minimind_course.training.evaluate import GreedyChat, eval_memory
+from minimind_course.training.evaluate import NAME_SETS, GreedyChat, eval_memory
 from minimind_course.model.loading import BUNDLED_MODEL_DIR, load_model
 from minimind_course.model import MiniMindForCausalLM
 from minimind_course.training.train import encode_dialogue, name_pieces, render_with_spans
 
 HELDOUT = load_json("heldout_names.json")
+MIN_PIECE_COUNT = 20  # times each byte-level piece of a held-out "zh_common" name occurs in 20,000 training names
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,16 +135,17 @@ MEMORY = {
 }
 
 
-# Floors at or below the measured rates (docs/bundled-model.md: English 92 %, Chinese 100 % over all held-out names), so
-# a retrained model that copies names less well turns this red; the issue's target for both is 80 %.
-RECALL_FLOOR = {"en": 80.0, "zh": 90.0}
+# Floors at or below the measured rates (docs/bundled-model.md, "Measured results", over all held-out names), so a
+# retrained model that copies names less well turns this red. "zh_common": Chinese names of common characters that
+# are not single tokens (2-3 byte-level pieces each).
+RECALL_FLOOR = {"en": 80.0, "zh": 90.0, "zh_common": 75.0}
 
 
-@pytest.mark.parametrize("lang", ["en", "zh"])
-def test_memory_demo_copies_unseen_names(chat, lang):
-    result = eval_memory(chat, lang, HELDOUT[lang][:20])
-    assert result["pct"]["recall"] >= RECALL_FLOOR[lang], result["failures"]
-    assert result["pct"]["recall_after_qa"] >= RECALL_FLOOR[lang], result["failures"]
+@pytest.mark.parametrize("names", ["en", "zh", "zh_common"])
+def test_memory_demo_copies_unseen_names(chat, names):
+    result = eval_memory(chat, NAME_SETS[names], HELDOUT[names][:20])
+    assert result["pct"]["recall"] >= RECALL_FLOOR[names], result["failures"]
+    assert result["pct"]["recall_after_qa"] >= RECALL_FLOOR[names], result["failures"]
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
@@ -159,7 +161,7 @@ def test_corpus_generator_is_seeded_and_keeps_heldout_names_out():
     first, again, other = build_corpus(7, 300), build_corpus(7, 300), build_corpus(8, 300)
     assert first == again and first != other
     text = json.dumps(first, ensure_ascii=False)
-    assert not [n for n in HELDOUT["en"] + HELDOUT["zh"] if n in text]
+    assert not [n for n in sum(HELDOUT.values(), []) if n in text]
 
 
 def test_training_names_practise_the_pieces_of_unseen_english_names(tokenizer):
@@ -172,3 +174,14 @@ def test_training_names_practise_the_pieces_of_unseen_english_names(tokenizer):
     seen = Counter(token for _ in range(20_000) for token in tokenizer.tokenize(" " + names.english()))
     rare = [n for n in HELDOUT["en"] if min(seen[t] for t in tokenizer.tokenize(" " + n)) < 30]
     assert len(rare) <= 12, rare
+
+
+def test_training_names_practise_the_byte_pieces_of_common_characters(tokenizer):
+    """A common character outside the vocabulary is 2-3 byte-level tokens; the model copies it only if training
+    names made it copy those tokens often (before, names of such characters were recalled 7.5 % of the time)."""
+    names = CorpusBuilder(0, name_pieces(tokenizer)).names
+    seen = Counter(token for _ in range(20_000) for token in tokenizer.tokenize(names.chinese()))
+    pieces = {t for name in HELDOUT["zh_common"] for t in tokenizer.tokenize(name)}
+    assert all(len(tokenizer.encode(name)) > len(name) for name in HELDOUT["zh_common"][::2])  # not single tokens
+    rare = sorted(t for t in pieces if seen[t] < MIN_PIECE_COUNT)
+    assert not rare, rare

@@ -58,6 +58,20 @@ MEMORY_SHARE = 0.7  # of the dialogues; copying names needs far more practice th
 REPEAT_SHARE_EARLY, REPEAT_EARLY_UNTIL, REPEAT_SHARE = 0.3, 0.2, 0.1  # copy drills: more at first, then a tenth
 
 
+def common_chinese_chars() -> str:
+    """The 3,755 commonly used characters of GB2312 level 1 (rows 0xB0-0xD7), decoded from their codes."""
+    chars = []
+    for code in range(0xB0A1, 0xD7FF):
+        try:
+            chars.append(bytes([code >> 8, code & 0xFF]).decode("gb2312"))
+        except UnicodeDecodeError:  # the unused cells of a row
+            pass
+    return "".join(chars)
+
+
+COMMON_CHARS = common_chinese_chars()
+
+
 def load_jsonl(name: str) -> list[dict]:
     """Read one hand-written corpus file (one JSON object per line)."""
     with open(CORPUS_DIR / name, encoding="utf-8") as f:
@@ -117,8 +131,11 @@ class NameSampler:
     def _chinese(self) -> str:
         r, rng = self.rng.random(), self.rng
         given = self.names["zh_given_chars"]
-        if r < 0.75:
+        if r < 0.5:
             return rng.choice(self.names["zh_surnames"]) + "".join(rng.choice(given) for _ in range(rng.randint(1, 2)))
+        if r < 0.8:  # any common character: most are 2-3 byte-level tokens, which must be copied exactly too
+            surname = rng.choice(self.names["zh_surnames"]) if rng.random() < 0.5 else ""
+            return surname + "".join(rng.choice(COMMON_CHARS) for _ in range(rng.randint(2 - bool(surname), 3)))
         if r < 0.85:  # characters never seen elsewhere (tiny-model-notes lesson 1)
             return "".join(chr(rng.randint(*CJK_RANGE)) for _ in range(rng.randint(2, 3)))
         if r < 0.9:
@@ -135,7 +152,7 @@ class CorpusBuilder:
         heldout = load_json("heldout_names.json")
         self.qa = {lang: qa_pairs(concepts, lang) + qa_pairs(chat, lang) for lang in ("en", "zh")}
         self.concept_qa = {lang: qa_pairs(concepts, lang) for lang in ("en", "zh")}
-        self.names = NameSampler(self.rng, load_json("names.json"), frozenset(heldout["en"] + heldout["zh"]), pieces)
+        self.names = NameSampler(self.rng, load_json("names.json"), frozenset(sum(heldout.values(), [])), pieces)
 
     def system(self) -> list[dict]:
         if self.rng.random() < 0.6:
