@@ -9,7 +9,7 @@ PORT ?= 8998
 # Jupyter refuses to run as root (containers, classroom VMs) unless told to.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: serve test unit notebooks lab tiny-model eval bench setup setup-dev clean
+.PHONY: serve test test-serve-env unit notebooks lab tiny-model eval bench setup setup-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,24 @@ test: setup-dev
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 
+# `make serve` resolves the base install alone, so it gets newer openai/transformers/fastapi/xgrammar releases than
+# `make test` (whose vLLM and ecosystem extras cap them). The server and client tests run in such a venv too (CI).
+SERVE_VENV := .venv-serve
+SERVE_TESTS := tests/test_server.py tests/test_protocol.py tests/test_conformance.py tests/test_fuzz.py \
+	tests/test_tools_server.py tests/test_structured_output.py tests/test_tool_parser.py tests/test_reasoning.py \
+	tests/test_security_defaults.py tests/test_serve_cli.py tests/test_engine.py tests/test_sampling.py \
+	tests/test_stop_strings.py tests/test_detokenize.py tests/test_client.py tests/test_client_tools.py \
+	tests/test_history.py tests/test_chat_cli.py tests/test_widget.py
+$(SERVE_VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install "$(TORCH)"
+	$(SERVE_VENV)/bin/python -m pip install -e ".[test]"
+	touch $@
+
+test-serve-env: $(SERVE_VENV)/.stamp
+	@$(SERVE_VENV)/bin/python -c "from importlib.metadata import version as v; print('make serve resolution:', *(f'{p} {v(p)}' for p in ('openai', 'transformers', 'fastapi', 'xgrammar', 'torch')))"
+	$(SERVE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(SERVE_TESTS)
+
 unit: setup-dev
 	$(PY) -m pytest -q tests
 
@@ -59,4 +77,4 @@ eval: setup-dev
 	$(PY) -m minimind_course.eval_tiny
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache

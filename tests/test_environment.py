@@ -20,9 +20,9 @@ def normalise(spec: str) -> tuple[str, str]:
 def pyproject_requirements() -> set[tuple[str, str]]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     specs = list(project["dependencies"])
-    for extra in ("dev", "vllm", "ecosystem"):
+    for extra in ("test", "dev", "vllm", "ecosystem"):
         specs += project["optional-dependencies"][extra]
-    return {normalise(s) for s in specs}
+    return {normalise(s) for s in specs if Requirement(s).name != project["name"]}  # dev includes [test] by name
 
 
 def environment_requirements() -> set[tuple[str, str]]:
@@ -53,8 +53,8 @@ PROVIDED_BY = {"starlette": "fastapi", "pydantic": "fastapi"}
 DEV_ONLY_LAYERS = ("bench", "training")  # dev-only layers, installed by `make test`: not part of `make serve`
 
 
-def imported_distributions(path: Path) -> set[str]:
-    """The installed distributions that the third-party imports of one module come from."""
+def imported_distributions(path: Path, local: frozenset[str] = frozenset()) -> set[str]:
+    """The installed distributions that the third-party imports of one module come from (``local``: sibling modules)."""
     providers = packages_distributions()
     tops = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -62,7 +62,7 @@ def imported_distributions(path: Path) -> set[str]:
             tops |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             tops.add(node.module.split(".")[0])
-    tops -= set(sys.stdlib_module_names) | {"minimind_course"}
+    tops -= set(sys.stdlib_module_names) | {"minimind_course"} | local
     return {PROVIDED_BY.get(top) or providers[top][0].lower().replace("_", "-") for top in tops}
 
 
@@ -78,3 +78,23 @@ def test_the_runtime_layers_import_only_declared_dependencies():
         if undeclared := imported_distributions(path) - base:
             missing[str(path.relative_to(ROOT))] = sorted(undeclared)
     assert not missing, f"imported but not in [project] dependencies: {missing}"
+
+
+def serve_env_tests() -> list[Path]:
+    """The test files the Makefile runs in the `make serve` resolution (``SERVE_TESTS``)."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
+    line = next(line for line in makefile.splitlines() if line.startswith("SERVE_TESTS :="))
+    return [ROOT / name for name in line.split(":=", 1)[1].split()]
+
+
+def test_the_serve_env_tests_need_only_the_base_install_and_the_test_extra():
+    """`make test-serve-env` installs ``.[test]`` alone: a listed test file (or a test helper it imports) that
+    needs vLLM, LangChain or JupyterLab would fail there, and a renamed file would silently drop out."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    allowed = {normalise(s)[0] for s in project["dependencies"] + project["optional-dependencies"]["test"]}
+    paths = serve_env_tests()
+    assert paths and all(p.exists() for p in paths), [str(p) for p in paths if not p.exists()]
+    helpers = [p for p in (ROOT / "tests").glob("*.py") if not p.name.startswith("test_")]
+    local = frozenset(p.stem for p in (ROOT / "tests").glob("*.py"))
+    needs = {str(p.relative_to(ROOT)): sorted(imported_distributions(p, local) - allowed) for p in paths + helpers}
+    assert not {k: v for k, v in needs.items() if v}, needs
