@@ -179,3 +179,44 @@ def test_the_figures_script_runs_and_writes_every_figure(tmp_path: Path):
     for name in FIGURE_NAMES:
         made, committed = ElementTree.parse(tmp_path / name).getroot(), ElementTree.parse(FIGURES_DIR / name).getroot()
         assert made.tag.endswith("svg") and made.get("width") == committed.get("width"), name
+
+
+# ---- numbers come from cells --------------------------------------------------------------------------------
+# A measured figure in prose goes stale with every re-execution (and differs on every machine): markdown points at
+# the cell that prints it instead. Caught: a number with a time, speed or ratio unit ("153 ms", "45 s", "82 tok/s",
+# "3×", "2.4x", "+44 %", "5 minutes"). Not caught: sizes and limits (1 GiB, 1024 tokens, 16-token blocks) and
+# formulas with a spaced "×" ("2 × layers").
+MEASURED_FIGURE = re.compile(
+    r"(?<![\w.#/-])[+±~≈]?\d+(?:[.,]\d+)*"
+    r"(?:\s?(?:ms|s|sec|seconds|min|minutes|tok/s|tokens/s|GB/s|MB/s|%)(?![\w/])|[×x](?!\w))")
+# Figures that are not measurements, each with its reason: (notebook number, the exact phrase around the figure).
+ALLOWED_FIGURES = {
+    ("09", "at 50 GB/s the bound is"): "a worked example of the bound from stated numbers",
+    ("09", "about 3.5 tokens/s per sequence"): "the same worked example's result",
+}
+
+
+def measured_figures(markdown: str, notebook: str = "") -> list[str]:
+    """The figures in one markdown text that look measured, less the allowed phrases of that notebook."""
+    allowed = [phrase for (number, phrase) in ALLOWED_FIGURES if number == notebook]
+    spans = [(m.start(), m.end()) for phrase in allowed for m in re.finditer(re.escape(phrase), markdown)]
+    return [m.group(0) for m in MEASURED_FIGURE.finditer(markdown)
+            if not any(start <= m.start() and m.end() <= end for start, end in spans)]
+
+
+def test_the_number_rule_catches_the_common_forms():
+    stale = ("The stall shrinks from 153 to 48 ms; vLLM started in 45 s at 82.3 tok/s. A step over 16 rows costs "
+             "2.4× one row (6.8x the throughput), the gather adds +44 %, 19% of the parameters, 1–5 minutes.")
+    assert measured_figures(stale) == ["48 ms", "45 s", "82.3 tok/s", "2.4×", "6.8x", "+44 %", "19%", "5 minutes"]
+    fine = ("1 GiB of KV cache, 16-token blocks, 1024 tokens of context, `2 × layers × kv_heads`, port 8998, "
+            "hidden 512, 8 layers, max_tokens=32, notebook 09, PR #738, the cell above prints the figure.")
+    assert measured_figures(fine) == []
+    assert measured_figures("at 50 GB/s the bound is", "09") == [] and measured_figures("at 50 GB/s", "04")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_markdown_states_no_measured_figures(path: Path):
+    """Numbers come from cells: no markdown cell states a measured time, speed, ratio or share."""
+    found = {i: figures for i, c in enumerate(cells(path)) if c["cell_type"] == "markdown"
+             if (figures := measured_figures(text(c), path.name[:2]))}
+    assert not found, f"markdown cells state measured figures (point at the cell that prints them): {found}"
