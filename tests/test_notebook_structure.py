@@ -1,11 +1,12 @@
 """Every course notebook keeps the course's shape, and both READMEs map every notebook.
 
 Shape: a "What you will learn" markdown cell first (its title numbered as the file), a summary with what comes next
-after the last numbered section, a versions cell near the top (it prints the python, torch,
-transformers and course package versions), an exercises section, and after it a solution cell that is collapsed
-(``"jupyter": {"source_hidden": true}``). Committed executed top to bottom (1..N) with kernelspec ``python3``, or
-nbval compares nothing. Every image a markdown cell shows exists, and the mechanism figures in notebooks/figures/
-are the ones ``make_figures.py`` draws.
+after the last numbered section, a versions cell near the top (it prints the python, torch, transformers and course
+package versions), an exercises section, and after it solution cells whose source and outputs are collapsed
+(``"jupyter": {"source_hidden": true, "outputs_hidden": true}``), a "Further reading" section with links, and no
+measured figure in markdown (numbers come from cells). Committed executed top to bottom (1..N) with kernelspec
+``python3``, or nbval compares nothing. Every image a markdown cell shows exists, and the mechanism figures in
+notebooks/figures/ are the ones ``make_figures.py`` draws.
 """
 
 from __future__ import annotations
@@ -146,6 +147,18 @@ def test_solution_cells_look_alike_and_versions_are_not_compared(path: Path):
             assert "solution" in cell["metadata"].get("tags", []) and cell["metadata"]["jupyter"]["source_hidden"]
     versions = next(c for c in code if all(word in text(c).lower() for word in ("platform", "version")))
     assert "NBVAL_IGNORE_OUTPUT" in text(versions)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_solution_outputs_are_hidden_until_opened(path: Path):
+    """A solution's printed answer is a spoiler too: its source and its outputs are collapsed in JupyterLab
+    (``jupyter.source_hidden`` and ``jupyter.outputs_hidden``); nbval still runs it and compares its outputs."""
+    solutions = [c for c in cells(path) if c["cell_type"] == "code" and "solution" in c["metadata"].get("tags", [])]
+    assert solutions, "no cell tagged 'solution'"
+    for cell in solutions:
+        hidden = cell["metadata"].get("jupyter", {})
+        assert hidden.get("source_hidden") and hidden.get("outputs_hidden"), text(cell)[:60]
+        assert cell.get("outputs") and "NBVAL_SKIP" not in text(cell), f"a solution shows what it prints: {text(cell)[:60]}"
 
 
 # ---- figures ------------------------------------------------------------------------------------------------
