@@ -161,6 +161,33 @@ def test_solution_outputs_are_hidden_until_opened(path: Path):
         assert cell.get("outputs") and "NBVAL_SKIP" not in text(cell), f"a solution shows what it prints: {text(cell)[:60]}"
 
 
+# ---- further reading ----------------------------------------------------------------------------------------
+LINK = re.compile(r"\[[^\]]+\]\((https?://[^)\s]+)\)")
+BARE_ISSUE = re.compile(r"#\d{2,}(?!\d|\]\()")  # "vLLM #4240" without a link: write [vLLM #4240](https://...)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_ends_with_further_reading(path: Path):
+    """The papers and references behind the notebook, as links, in a markdown section after the summary."""
+    markdown = [text(c) for c in cells(path) if c["cell_type"] == "markdown"]
+    reading = [i for i, body in enumerate(markdown) if body.startswith("## Further reading")]
+    summaries = [i for i, body in enumerate(markdown) if body.startswith("## Summary")]
+    assert reading and summaries and reading[-1] > summaries[-1], "no '## Further reading' section after the summary"
+    assert len(LINK.findall(markdown[reading[-1]])) >= 3, "further reading lists at least three linked references"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_issue_numbers_are_links(path: Path):
+    bare = {i: BARE_ISSUE.findall(text(c)) for i, c in enumerate(cells(path))
+            if c["cell_type"] == "markdown" and BARE_ISSUE.search(text(c))}
+    assert not bare, f"link the issues these markdown cells name: {bare}"
+
+
+def test_bare_issue_pattern():
+    assert BARE_ISSUE.findall("vLLM #4240 and llama.cpp #11720") == ["#4240", "#11720"]
+    assert not BARE_ISSUE.findall("[vLLM #4240](https://github.com/vllm-project/vllm/issues/4240), [#352](u), ## 3 ·")
+
+
 # ---- figures ------------------------------------------------------------------------------------------------
 FIGURES_DIR = ROOT / "notebooks" / "figures"
 FIGURES_SCRIPT = FIGURES_DIR / "make_figures.py"
