@@ -1,11 +1,12 @@
 """Every course notebook keeps the course's shape, and both READMEs map every notebook.
 
 Shape: a "What you will learn" markdown cell first (its title numbered as the file), a summary with what comes next
-after the last numbered section, a versions cell near the top (it prints the python, torch,
-transformers and course package versions), an exercises section, and after it a solution cell that is collapsed
-(``"jupyter": {"source_hidden": true}``). Committed executed top to bottom (1..N) with kernelspec ``python3``, or
-nbval compares nothing. Every image a markdown cell shows exists, and the mechanism figures in notebooks/figures/
-are the ones ``make_figures.py`` draws.
+after the last numbered section, a versions cell near the top (it prints the python, torch, transformers and course
+package versions), an exercises section, and after it solution cells whose source and outputs are collapsed
+(``"jupyter": {"source_hidden": true, "outputs_hidden": true}``), a "Further reading" section with links, and no
+measured figure in markdown (numbers come from cells). Committed executed top to bottom (1..N) with kernelspec
+``python3``, or nbval compares nothing. Every image a markdown cell shows exists, and the mechanism figures in
+notebooks/figures/ are the ones ``make_figures.py`` draws.
 """
 
 from __future__ import annotations
@@ -148,6 +149,45 @@ def test_solution_cells_look_alike_and_versions_are_not_compared(path: Path):
     assert "NBVAL_IGNORE_OUTPUT" in text(versions)
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_solution_outputs_are_hidden_until_opened(path: Path):
+    """A solution's printed answer is a spoiler too: its source and its outputs are collapsed in JupyterLab
+    (``jupyter.source_hidden`` and ``jupyter.outputs_hidden``); nbval still runs it and compares its outputs."""
+    solutions = [c for c in cells(path) if c["cell_type"] == "code" and "solution" in c["metadata"].get("tags", [])]
+    assert solutions, "no cell tagged 'solution'"
+    for cell in solutions:
+        hidden = cell["metadata"].get("jupyter", {})
+        assert hidden.get("source_hidden") and hidden.get("outputs_hidden"), text(cell)[:60]
+        assert cell.get("outputs") and "NBVAL_SKIP" not in text(cell), f"a solution shows what it prints: {text(cell)[:60]}"
+
+
+# ---- further reading ----------------------------------------------------------------------------------------
+LINK = re.compile(r"\[[^\]]+\]\((https?://[^)\s]+)\)")
+BARE_ISSUE = re.compile(r"#\d{2,}(?!\d|\]\()")  # "vLLM #4240" without a link: write [vLLM #4240](https://...)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_ends_with_further_reading(path: Path):
+    """The papers and references behind the notebook, as links, in a markdown section after the summary."""
+    markdown = [text(c) for c in cells(path) if c["cell_type"] == "markdown"]
+    reading = [i for i, body in enumerate(markdown) if body.startswith("## Further reading")]
+    summaries = [i for i, body in enumerate(markdown) if body.startswith("## Summary")]
+    assert reading and summaries and reading[-1] > summaries[-1], "no '## Further reading' section after the summary"
+    assert len(LINK.findall(markdown[reading[-1]])) >= 3, "further reading lists at least three linked references"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_issue_numbers_are_links(path: Path):
+    bare = {i: BARE_ISSUE.findall(text(c)) for i, c in enumerate(cells(path))
+            if c["cell_type"] == "markdown" and BARE_ISSUE.search(text(c))}
+    assert not bare, f"link the issues these markdown cells name: {bare}"
+
+
+def test_bare_issue_pattern():
+    assert BARE_ISSUE.findall("vLLM #4240 and llama.cpp #11720") == ["#4240", "#11720"]
+    assert not BARE_ISSUE.findall("[vLLM #4240](https://github.com/vllm-project/vllm/issues/4240), [#352](u), ## 3 ·")
+
+
 # ---- figures ------------------------------------------------------------------------------------------------
 FIGURES_DIR = ROOT / "notebooks" / "figures"
 FIGURES_SCRIPT = FIGURES_DIR / "make_figures.py"
@@ -179,3 +219,44 @@ def test_the_figures_script_runs_and_writes_every_figure(tmp_path: Path):
     for name in FIGURE_NAMES:
         made, committed = ElementTree.parse(tmp_path / name).getroot(), ElementTree.parse(FIGURES_DIR / name).getroot()
         assert made.tag.endswith("svg") and made.get("width") == committed.get("width"), name
+
+
+# ---- numbers come from cells --------------------------------------------------------------------------------
+# A measured figure in prose goes stale with every re-execution (and differs on every machine): markdown points at
+# the cell that prints it instead. Caught: a number with a time, speed or ratio unit ("153 ms", "45 s", "82 tok/s",
+# "3×", "2.4x", "+44 %", "5 minutes"). Not caught: sizes and limits (1 GiB, 1024 tokens, 16-token blocks) and
+# formulas with a spaced "×" ("2 × layers").
+MEASURED_FIGURE = re.compile(
+    r"(?<![\w.#/-])[+±~≈]?\d+(?:[.,]\d+)*"
+    r"(?:\s?(?:ms|s|sec|seconds|min|minutes|tok/s|tokens/s|GB/s|MB/s|%)(?![\w/])|[×x](?!\w))")
+# Figures that are not measurements, each with its reason: (notebook number, the exact phrase around the figure).
+ALLOWED_FIGURES = {
+    ("09", "at 50 GB/s the bound is"): "a worked example of the bound from stated numbers",
+    ("09", "about 3.5 tokens/s per sequence"): "the same worked example's result",
+}
+
+
+def measured_figures(markdown: str, notebook: str = "") -> list[str]:
+    """The figures in one markdown text that look measured, less the allowed phrases of that notebook."""
+    allowed = [phrase for (number, phrase) in ALLOWED_FIGURES if number == notebook]
+    spans = [(m.start(), m.end()) for phrase in allowed for m in re.finditer(re.escape(phrase), markdown)]
+    return [m.group(0) for m in MEASURED_FIGURE.finditer(markdown)
+            if not any(start <= m.start() and m.end() <= end for start, end in spans)]
+
+
+def test_the_number_rule_catches_the_common_forms():
+    stale = ("The stall shrinks from 153 to 48 ms; vLLM started in 45 s at 82.3 tok/s. A step over 16 rows costs "
+             "2.4× one row (6.8x the throughput), the gather adds +44 %, 19% of the parameters, 1–5 minutes.")
+    assert measured_figures(stale) == ["48 ms", "45 s", "82.3 tok/s", "2.4×", "6.8x", "+44 %", "19%", "5 minutes"]
+    fine = ("1 GiB of KV cache, 16-token blocks, 1024 tokens of context, `2 × layers × kv_heads`, port 8998, "
+            "hidden 512, 8 layers, max_tokens=32, notebook 09, PR #738, the cell above prints the figure.")
+    assert measured_figures(fine) == []
+    assert measured_figures("at 50 GB/s the bound is", "09") == [] and measured_figures("at 50 GB/s", "04")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_markdown_states_no_measured_figures(path: Path):
+    """Numbers come from cells: no markdown cell states a measured time, speed, ratio or share."""
+    found = {i: figures for i, c in enumerate(cells(path)) if c["cell_type"] == "markdown"
+             if (figures := measured_figures(text(c), path.name[:2]))}
+    assert not found, f"markdown cells state measured figures (point at the cell that prints them): {found}"
