@@ -5,7 +5,7 @@
 
 One function per figure, matplotlib only (boxes, arrows, text). Text is drawn as paths, the SVG hash salt is fixed
 and the date left out, so running the script again gives byte-identical files (``tests/test_notebook_structure.py``
-checks it). Notebook 04 draws its own KV-cache and batching figures in code cells.
+checks it). Figures of measurements are drawn by the notebooks' own code cells.
 
 | figure | for | drawn from |
 |---|---|---|
@@ -13,6 +13,7 @@ checks it). Notebook 04 draws its own KV-cache and batching figures in code cell
 | ``sse_chunk_sequence.svg`` | notebook 03 | ``serving/responses.py`` (``sse_stream``, ``ChatRenderer``) |
 | ``tool_round_trip.svg`` | notebook 07 | ``serving/tool_parser.py``, ``client/session.py``, the chat template |
 | ``history_window.svg`` | notebook 06 | ``client/history.py`` (``build_window``) |
+| ``paged_kv_cache.svg`` | notebook 04 | ``engine/kv_cache.py``, ``engine/scheduler.py`` (``_preempt``) |
 """
 
 from __future__ import annotations
@@ -367,11 +368,89 @@ def history_window(out_dir: Path) -> Path:
     return save(fig, out_dir, "history_window.svg")
 
 
+def paged_kv_cache(out_dir: Path) -> Path:
+    """Notebook 04: block tables, the free list and recompute preemption (engine/kv_cache.py, scheduler.py)."""
+    fig, ax = canvas(5.7)
+    bs = 16  # DEFAULT_BLOCK_SIZE
+    # a state the code reaches: A (30 tokens) takes blocks 0 1, B (20) 2 3, C (10) 4; A grows past 32: 5;
+    # B finishes (free() returns 3 2); C grows past 16: pop() hands out 2
+    tables = {"A": ([0, 1, 5], 44, CLIENT), "C": ([4, 2], 18, MODEL)}
+    free = [7, 6, 3]
+    owner = {b: name for name, (table, _, _) in tables.items() for b in table}
+    label(ax, 0.2, 5.45, "the paged KV cache: per layer one tensor of (num_blocks + 1) × 16 token slots; "
+          "a sequence owns blocks, not a region", ha="left", size=8.5, weight="bold")
+
+    # block tables on the left
+    label(ax, 0.2, 5.1, "block table per sequence (Sequence.block_table)", ha="left", size=8, color=OURS,
+          weight="bold")
+    ys = {"A": 4.35, "C": 3.6}
+    for name, (table, tokens, color) in tables.items():
+        y = ys[name]
+        label(ax, 0.2, y + 0.2, f"seq {name}\n{tokens} tokens", ha="left", size=7.5)
+        for i, block in enumerate(table):
+            box(ax, 1.15 + 0.55 * i, y, 0.5, 0.4, str(block), color, mono=True, radius=0.03)
+            label(ax, 1.4 + 0.55 * i, y + 0.5, f"[{i}]", size=6.5, color="#4a5568", mono=True)
+    # the store in the middle-right: blocks 0..7 and the scratch block
+    sx, sy, bw, bh = 3.55, 4.05, 0.62, 0.62
+    label(ax, sx, 5.1, "KVCache.keys[layer] / values[layer]: blocks of 16 slots", ha="left", size=8,
+          color=OURS, weight="bold")
+    for b in range(9):
+        x = sx + b * (bw + 0.07)
+        if b == 8:
+            ax.add_patch(Rectangle((x, sy), bw, bh, facecolor=TINT[MUTED], edgecolor=MUTED, hatch="///", lw=1))
+            label(ax, x + bw / 2, sy - 0.35, "scratch:\npadding", size=6.5, color="#4a5568")
+            label(ax, x + bw / 2, sy + bh / 2, "8", mono=True, size=8)
+            continue
+        name = owner.get(b)
+        color = tables[name][2] if name else MUTED
+        box(ax, x, sy, bw, bh, f"{b}\n{name or 'free'}", color, fill=None if name else "white", size=7.5,
+            radius=0.03)
+        label(ax, x + bw / 2, sy - 0.12, f"{b * bs}–{b * bs + bs - 1}", size=6, color="#4a5568", mono=True)
+    # token 37 of A: block_table[37 // 16] = block 5, slot 5 × 16 + 37 % 16
+    arrow(ax, (1.15 + 0.55 * 2 + 0.5, 4.55), (sx + 5 * (bw + 0.07) + bw / 2, sy + bh), CLIENT, rad=-0.14)
+    label(ax, 0.2, 3.15, "token t of a sequence lives in slot  block_table[t // 16] × 16 + t % 16", ha="left",
+          size=7.5, mono=True)
+    label(ax, 0.2, 2.92, "e.g. A's token 37:  block_table[2] = 5  →  slot 5 × 16 + 5 = 85", ha="left", size=7.5,
+          mono=True, color=CLIENT)
+    # the free list
+    fx, fy = 6.2, 2.8
+    label(ax, fx, 3.4, "free list (KVCache.free_blocks)", ha="left", size=8, color=OURS, weight="bold")
+    for i, b in enumerate(free):
+        box(ax, fx + 0.5 * i, fy, 0.45, 0.4, str(b), MUTED, fill="white", mono=True, radius=0.03)
+    label(ax, fx + 1.55, fy + 0.2, "← pop(): next block handed out\n    (zeroed first)", ha="left", size=7,
+          color="#4a5568")
+    label(ax, 0.2, 2.5, "allocate(): a sequence takes a block only when it crosses a 16-token boundary; free(): "
+          "a finished or preempted one gives all its blocks back at once", ha="left", size=7.5, color="#4a5568")
+
+    # recompute preemption, three stages
+    ax.plot([0.2, 9.8], [2.3, 2.3], color=MUTED, lw=0.8)
+    label(ax, 0.2, 2.08, "when the blocks run out: recompute preemption (Scheduler.schedule, _preempt)",
+          ha="left", size=8.5, weight="bold")
+    stages = [
+        (1, "decode step: A's next token crosses\na block boundary, but the free list\nis empty: allocate() "
+            "returns False", OURS),
+        (2, "preempt the newest running sequence\n(running[-1], here D): free(D's blocks),\n"
+            "D.num_computed = 0, D → front of\nthe preempted queue; A gets a block", ERROR),
+        (3, "a later step, blocks free again:\nD is resumed first and its tokens\n(prompt + answer so far) are "
+            "prefilled\nagain; no new request is admitted\nwhile one waits (can_admit)", MODEL),
+    ]
+    x0, w, gap = 0.2, 2.95, 0.3
+    for i, (n, text, color) in enumerate(stages):
+        x = x0 + i * (w + gap)
+        box(ax, x, 0.15, w, 1.6, "", color)
+        badge(ax, x + 0.22, 1.53, n, color)
+        label(ax, x + 0.45, 0.9, text, ha="left", size=7.5)
+        if i:
+            arrow(ax, (x - gap, 0.95), (x, 0.95))
+    return save(fig, out_dir, "paged_kv_cache.svg")
+
+
 FIGURES = {  # file name → function; the test compares this list with the committed files
     "request_path.svg": request_path,
     "sse_chunk_sequence.svg": sse_chunk_sequence,
     "tool_round_trip.svg": tool_round_trip,
     "history_window.svg": history_window,
+    "paged_kv_cache.svg": paged_kv_cache,
 }
 
 
