@@ -13,6 +13,7 @@ checks it). Figures of measurements are drawn by the notebooks' own code cells.
 | ``sse_chunk_sequence.svg`` | notebook 03 | ``serving/responses.py`` (``sse_stream``, ``ChatRenderer``) |
 | ``tool_round_trip.svg`` | notebook 07 | ``serving/tool_parser.py``, ``client/session.py``, the chat template |
 | ``history_window.svg`` | notebook 06 | ``client/history.py`` (``build_window``) |
+| ``minimind_block.svg`` | notebook 01 | ``model/minimind.py``, ``assets/minimind-tiny/config.json`` |
 | ``paged_kv_cache.svg`` | notebook 04 | ``engine/kv_cache.py``, ``engine/scheduler.py`` (``_preempt``) |
 """
 
@@ -445,12 +446,68 @@ def paged_kv_cache(out_dir: Path) -> Path:
     return save(fig, out_dir, "paged_kv_cache.svg")
 
 
+def minimind_block(out_dir: Path) -> Path:
+    """Notebook 01: the model and one decoder block, as model/minimind.py computes them (bundled config values)."""
+    fig, ax = canvas(5.0)
+    cfg = {"hidden": 256, "heads": 4, "kv_heads": 2, "head_dim": 64, "ffn": 704, "layers": 4, "vocab": 2786}
+    # the whole model, bottom to top, on the left
+    lane(ax, 0.05, 0.1, 2.2, 4.8, "MiniMindForCausalLM", MODEL)
+    stack = [(0.35, "input_ids", CLIENT), (1.05, f"embed_tokens\n{cfg['vocab']} × {cfg['hidden']}", MODEL),
+             (1.9, f"Block × {cfg['layers']}\n(num_hidden_layers)", OURS),
+             (2.75, "norm (RMSNorm)", MODEL), (3.45, "lm_head (tied to\nembed_tokens)", MODEL),
+             (4.15, f"logits: {cfg['vocab']}\nper position", CLIENT)]
+    for i, (y, text, color) in enumerate(stack):
+        box(ax, 0.25, y, 1.8, 0.5, text, color, size=7.5, weight="bold" if color == OURS else "normal")
+        if i:
+            arrow(ax, (1.15, stack[i - 1][0] + 0.5), (1.15, y))
+    # the block on the right, two sublayers, each x + f(norm(x))
+    lane(ax, 2.4, 0.1, 7.55, 4.8, "Block (pre-norm): x = x + self_attn(input_layernorm(x)); "
+         "x = x + mlp(post_attention_layernorm(x))", OURS)
+
+    def row(y, steps, residual_note):
+        """Boxes (x, w, text, colour) at height y, joined left to right, with the residual stream above them."""
+        h = 0.95
+        for i, (x, w, text, color) in enumerate(steps):
+            box(ax, x, y, w, h, text, color, size=7.3)
+            if i:
+                arrow(ax, (steps[i - 1][0] + steps[i - 1][1], y + h / 2), (x, y + h / 2))
+        end = steps[-1][0] + steps[-1][1]
+        ax.add_patch(plt.Circle((end + 0.3, y + h / 2), 0.13, facecolor="white", edgecolor=INK, lw=1.2))
+        label(ax, end + 0.3, y + h / 2, "+", size=10)
+        arrow(ax, (end, y + h / 2), (end + 0.17, y + h / 2))
+        path_arrow(ax, [(2.5, y + h / 2), (2.5, y + h + 0.22), (end + 0.3, y + h + 0.22), (end + 0.3, y + h / 2 + 0.13)],
+                   INK, lw=1)
+        label(ax, 5.4, y + h + 0.32, residual_note, size=7, color="#4a5568", style="italic")
+        arrow(ax, (2.5, y + h / 2), (steps[0][0], y + h / 2))
+        return end + 0.3
+
+    d, hd = cfg["hidden"], cfg["head_dim"]
+    end = row(2.75, [
+        (2.75, 1.05, f"RMSNorm\ninput_\nlayernorm\n(eps 1e-5)", OURS),
+        (4.05, 1.35, f"q_proj {d}→{cfg['heads']}×{hd}\nk_proj {d}→{cfg['kv_heads']}×{hd}\n"
+                     f"v_proj {d}→{cfg['kv_heads']}×{hd}", MODEL),
+        (5.65, 1.0, "RoPE on\nq and k\nrope_theta\n= 1e6", OURS),
+        (6.9, 1.45, "attention (SDPA)\ngrouped-query:\n2 q heads share\neach k/v head", MODEL),
+        (8.6, 0.75, f"o_proj\n{cfg['heads']}×{hd}\n→{d}", MODEL)], "residual: x passes around the sublayer")
+    label(ax, 7.6, 2.55, "keys/values → KV cache (past_key_values.update)", size=7, color=MODEL)
+    path_arrow(ax, [(end, 2.75 + 0.35), (end, 2.4), (2.5, 2.4), (2.5, 1.0 + 0.475)], INK, lw=1)
+    row(0.55, [
+        (2.75, 1.05, "RMSNorm\npost_attention_\nlayernorm", OURS),
+        (4.05, 1.55, f"gate_proj {d}→{cfg['ffn']}\nup_proj {d}→{cfg['ffn']}\n(intermediate_size)", MODEL),
+        (5.85, 1.5, "SwiGLU:\nsilu(gate(x))\n× up(x)", OURS),
+        (7.6, 1.25, f"down_proj\n{cfg['ffn']}→{d}", MODEL)], "residual again; the sum goes to the next block")
+    label(ax, 6.15, 0.3, f"MLP (use_moe false); hidden_size {d}, {cfg['heads']} heads × head_dim {hd}, "
+          f"num_key_value_heads {cfg['kv_heads']}  (assets/minimind-tiny/config.json)", size=7, color="#4a5568")
+    return save(fig, out_dir, "minimind_block.svg")
+
+
 FIGURES = {  # file name → function; the test compares this list with the committed files
     "request_path.svg": request_path,
     "sse_chunk_sequence.svg": sse_chunk_sequence,
     "tool_round_trip.svg": tool_round_trip,
     "history_window.svg": history_window,
     "paged_kv_cache.svg": paged_kv_cache,
+    "minimind_block.svg": minimind_block,
 }
 
 
