@@ -14,6 +14,8 @@ checks it). Figures of measurements are drawn by the notebooks' own code cells.
 | ``tool_round_trip.svg`` | notebook 07 | ``serving/tool_parser.py``, ``client/session.py``, the chat template |
 | ``history_window.svg`` | notebook 06 | ``client/history.py`` (``build_window``) |
 | ``minimind_block.svg`` | notebook 01 | ``model/minimind.py``, ``assets/minimind-tiny/config.json`` |
+| ``plan_a_plan_b.svg`` | notebook 05 | ``serve.py``, ``serving/vllm_launcher.py`` |
+| ``export_mapping.svg`` | notebook 05 | ``model/export.py`` |
 | ``paged_kv_cache.svg`` | notebook 04 | ``engine/kv_cache.py``, ``engine/scheduler.py`` (``_preempt``) |
 """
 
@@ -501,6 +503,62 @@ def minimind_block(out_dir: Path) -> Path:
     return save(fig, out_dir, "minimind_block.svg")
 
 
+def plan_a_plan_b(out_dir: Path) -> Path:
+    """Notebook 05: the processes behind the same OpenAI API: our server (plan A) and real vLLM (plan B)."""
+    fig, ax = canvas(3.6)
+    label(ax, 0.2, 3.4, "the same client code; only base_url changes", ha="left", size=8.5, weight="bold")
+    box(ax, 0.2, 1.2, 1.9, 1.5, "openai SDK\nclient.chat.\ncompletions.create\n(model, messages)", CLIENT, size=7.5)
+    lane(ax, 2.6, 1.95, 7.3, 1.3, "plan A: one python process (python -m minimind_course.serve)", OURS)
+    lane(ax, 2.6, 0.1, 7.3, 1.7, "plan B: a process group (VLLMServer, serving/vllm_launcher.py)", VLLM)
+    a = [(2.75, 1.75, "uvicorn + FastAPI\nserving/app.py\n(asyncio loop)", OURS),
+         (4.75, 1.85, "engine worker thread\nscheduler, paged KV\ncache (engine/)", MODEL),
+         (6.85, 2.9, "MiniMindForCausalLM (model/minimind.py)\nreads the .pth or the bundled folder", MODEL)]
+    b = [(2.75, 1.75, "vllm serve: API\nserver process\n(entrypoints/openai)", VLLM),
+         (4.75, 1.85, "EngineCore process\nscheduler, PagedAttention\nKV cache", VLLM),
+         (6.85, 2.9, "Worker process: vLLM's own\nLlamaForCausalLM / Qwen3ForCausalLM\nreads the export folder", VLLM)]
+    for y, steps in ((2.05, a), (0.25, b)):
+        for i, (x, w, text, color) in enumerate(steps):
+            box(ax, x, y, w, 0.85, text, color, size=7.3)
+            if i:
+                arrow(ax, (steps[i - 1][0] + steps[i - 1][1], y + 0.42), (x, y + 0.42))
+    arrow(ax, (2.1, 2.2), (2.75, 2.47), CLIENT)
+    arrow(ax, (2.1, 1.6), (2.75, 0.67), CLIENT)
+    label(ax, 1.15, 0.95, "base_url = the server's\nroot + /v1; POST\n/v1/chat/completions", size=7,
+          color=CLIENT)
+    label(ax, 8.3, 1.3, "minimind_course.export writes it (figure below)", size=7, color="#4a5568", style="italic")
+    return save(fig, out_dir, "plan_a_plan_b.svg")
+
+
+def export_mapping(out_dir: Path) -> Path:
+    """Notebook 05: what minimind_course.export changes between MiniMind's folder and a vLLM-native one (export.py)."""
+    fig, ax = canvas(3.75)
+    lx, rx, w = 0.2, 5.6, 4.2
+    label(ax, lx, 3.55, "MiniMind: its checkpoint and config", ha="left", size=8.5, weight="bold", color=MODEL)
+    label(ax, rx, 3.55, "export: a model vLLM serves natively", ha="left", size=8.5, weight="bold", color=VLLM)
+    rows = [
+        ('config.json: architectures\n"MiniMindForCausalLM", model_type "minimind"',
+         'LlamaForCausalLM / "llama" (MiniMind2)\nQwen3ForCausalLM / "qwen3" (q_norm, k_norm keys)', "renamed"),
+        ("rope_theta (+ upstream's yarn)", "rope_parameters {rope_type, rope_theta, …}", "translated"),
+        ("model.embed_tokens, model.layers.N.self_attn.\n{q,k,v,o}_proj, input_layernorm, mlp.{gate,up,\n"
+         "down}_proj, post_attention_layernorm, model.norm", "the same names: the same maths", "kept"),
+        ("lm_head tied to embed_tokens (stored once)", "lm_head.weight written out", "copied"),
+        ("MoE: mlp.experts.E.{gate,up,down}_proj;\nmlp.shared_experts.J.*", "Qwen3-MoE: experts.gate_up_proj, "
+         "experts.down_proj;\nDeepSeek-MoE: shared_experts.* (one wider MLP)", "stacked"),
+    ]
+    y = 3.3
+    for left, right, how in rows:
+        h = 0.3 + 0.17 * max(left.count("\n"), right.count("\n"))
+        y -= h
+        box(ax, lx, y, w, h, left, MODEL, size=7, mono=True, align="left", radius=0.03)
+        box(ax, rx, y, w, h, right, VLLM, size=7, mono=True, align="left", radius=0.03)
+        arrow(ax, (lx + w, y + h / 2), (rx, y + h / 2), INK if how != "kept" else MUTED)
+        label(ax, (lx + w + rx) / 2, y + h / 2 + 0.1, how, size=7, color="#4a5568", style="italic")
+        y -= 0.1
+    label(ax, lx, 0.22, "to_vllm_native() loads the renamed weights with strict=True: every tensor finds its place; "
+          "no --trust-remote-code is needed", ha="left", size=7.5, color="#4a5568")
+    return save(fig, out_dir, "export_mapping.svg")
+
+
 FIGURES = {  # file name → function; the test compares this list with the committed files
     "request_path.svg": request_path,
     "sse_chunk_sequence.svg": sse_chunk_sequence,
@@ -508,6 +566,8 @@ FIGURES = {  # file name → function; the test compares this list with the comm
     "history_window.svg": history_window,
     "paged_kv_cache.svg": paged_kv_cache,
     "minimind_block.svg": minimind_block,
+    "plan_a_plan_b.svg": plan_a_plan_b,
+    "export_mapping.svg": export_mapping,
 }
 
 
