@@ -16,6 +16,8 @@ checks it). Figures of measurements are drawn by the notebooks' own code cells.
 | ``minimind_block.svg`` | notebook 01 | ``model/minimind.py``, ``assets/minimind-tiny/config.json`` |
 | ``plan_a_plan_b.svg`` | notebook 05 | ``serve.py``, ``serving/vllm_launcher.py`` |
 | ``export_mapping.svg`` | notebook 05 | ``model/export.py`` |
+| ``ecosystem_map.svg`` | notebook 08 | ``serving/app.py`` (routes), ``ecosystem.py``, docs/clients.md |
+| ``cors_preflight.svg`` | notebook 08 | ``serving/middleware.py`` (CORSMiddleware), vLLM's ``--allowed-*`` |
 | ``paged_kv_cache.svg`` | notebook 04 | ``engine/kv_cache.py``, ``engine/scheduler.py`` (``_preempt``) |
 """
 
@@ -559,6 +561,67 @@ def export_mapping(out_dir: Path) -> Path:
     return save(fig, out_dir, "export_mapping.svg")
 
 
+def ecosystem_map(out_dir: Path) -> Path:
+    """Notebook 08: one OpenAI-compatible server, many clients, and which URL each of them wants."""
+    fig, ax = canvas(3.9)
+    box(ax, 6.6, 0.9, 3.2, 2.1, "", OURS)
+    label(ax, 8.2, 2.75, "one server: ours or vLLM", size=8.5, weight="bold", color=OURS)
+    root_y, base_y = 2.35, 1.75
+    label(ax, 6.75, root_y, "root  http://HOST:8998", ha="left", size=7.5, mono=True)
+    label(ax, 6.75, 2.1, "  /health  /metrics", ha="left", size=7.5, mono=True, color="#4a5568")
+    label(ax, 6.75, base_y, "base URL  …:8998/v1", ha="left", size=7.5, mono=True)
+    label(ax, 6.75, 1.5, "  /models  /chat/completions", ha="left", size=7.5, mono=True, color="#4a5568")
+    label(ax, 6.75, 1.25, "  /completions", ha="left", size=7.5, mono=True, color="#4a5568")
+    clients = [  # (y, name, which URL it is given, the URL its arrow ends at)
+        (3.25, "openai SDK (python, JS), curl", "given the base URL …/v1", base_y),
+        (2.65, "LangChain ChatOpenAI, LlamaIndex OpenAILike", "given the base URL …/v1", base_y),
+        (2.05, "IDE plug-ins (Continue): chat + completions", "given the base URL …/v1", base_y),
+        (1.45, "chat apps: NextChat, Chatbox", "given the root: they append /v1/…", root_y),
+        (0.85, "browser pages, plug-ins (chat.html, translators)", "base URL, after a CORS preflight", base_y),
+    ]
+    for i, (y, name, url, end_y) in enumerate(clients):
+        box(ax, 0.2, y - 0.25, 3.6, 0.5, "", CLIENT)
+        label(ax, 0.3, y + 0.09, name, ha="left", size=7.5)
+        label(ax, 0.3, y - 0.12, url, ha="left", size=7, color="#4a5568", style="italic")
+        arrow(ax, (3.8, y), (6.6, end_y - 0.05 * (i - 2)), CLIENT if end_y == base_y else MODEL, lw=1)
+    label(ax, 0.2, 0.3, "every client needs the same three facts: a URL, any API key (the source's sk-xxxx unless "
+          "the server was started with --api-key), the model name (minimind)", ha="left", size=7.5, color="#4a5568")
+    return save(fig, out_dir, "ecosystem_map.svg")
+
+
+def cors_preflight(out_dir: Path) -> Path:
+    """Notebook 08: a page on another origin asks the browser, the browser asks the server (CORSMiddleware)."""
+    fig, ax = canvas(4.35)
+    cols = [(1.0, "page on another origin\n(chat.html, NextChat)", CLIENT), (4.6, "browser", "#4a5568"),
+            (8.9, "server (ours or vLLM)", OURS)]
+    top, bottom = 3.75, 0.5
+    for x, name, color in cols:
+        box(ax, x - 0.95, top, 1.9, 0.5, name, OURS if color == OURS else CLIENT if color == CLIENT else MUTED,
+            size=7.5, weight="bold")
+        ax.plot([x, x], [bottom, top], color=color, lw=1.1, linestyle=":")
+    steps = [  # (y, from, to, lines, colour)
+        (3.45, 0, 1, ["fetch(url, {method: 'POST', headers})"], CLIENT),
+        (3.0, 1, 2, ["OPTIONS /v1/chat/completions", "Origin: http://localhost:3000",
+                     "Access-Control-Request-Method: POST",
+                     "Access-Control-Request-Headers: authorization,content-type"], "#4a5568"),
+        (2.05, 2, 1, ["200   Access-Control-Allow-Origin: *", "Access-Control-Allow-Methods: …, POST, …",
+                      "Access-Control-Allow-Headers: authorization,content-type"], OURS),
+        (1.2, 1, 2, ["the real request: POST /v1/chat/completions (Origin: …)"], "#4a5568"),
+        (0.75, 2, 0, ["200 + Allow-Origin: the answer (or stream)"], OURS),
+    ]
+    for i, (y, a, b, lines, color) in enumerate(steps):
+        xa, xb = cols[a][0], cols[b][0]
+        arrow(ax, (xa, y), (xb, y), color, lw=1.3)
+        badge(ax, min(xa, xb) + 0.25, y, i + 1, OURS if color == OURS else CLIENT)
+        if len(lines) > 1:
+            label(ax, min(xa, xb) + 0.45, y - 0.07, "\n".join(lines), ha="left", va="top", size=6.8, mono=True)
+        else:
+            label(ax, min(xa, xb) + 0.45, y + 0.12, lines[0], ha="left", size=6.8, mono=True)
+    label(ax, 5.0, 0.25, "without the Allow headers of step 3 the browser stops after it, and the page only sees "
+          "\"Failed to fetch\"", size=7.3, color=ERROR)
+    return save(fig, out_dir, "cors_preflight.svg")
+
+
 FIGURES = {  # file name → function; the test compares this list with the committed files
     "request_path.svg": request_path,
     "sse_chunk_sequence.svg": sse_chunk_sequence,
@@ -568,6 +631,8 @@ FIGURES = {  # file name → function; the test compares this list with the comm
     "minimind_block.svg": minimind_block,
     "plan_a_plan_b.svg": plan_a_plan_b,
     "export_mapping.svg": export_mapping,
+    "ecosystem_map.svg": ecosystem_map,
+    "cors_preflight.svg": cors_preflight,
 }
 
 
