@@ -194,7 +194,7 @@ FIGURES_SCRIPT = FIGURES_DIR / "make_figures.py"
 MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)")
 FIGURE_NAMES = {"request_path.svg", "sse_chunk_sequence.svg", "tool_round_trip.svg", "history_window.svg",
                 "paged_kv_cache.svg", "minimind_block.svg", "plan_a_plan_b.svg", "export_mapping.svg",
-                "ecosystem_map.svg", "cors_preflight.svg"}
+                "ecosystem_map.svg", "cors_preflight.svg", "roofline.svg"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

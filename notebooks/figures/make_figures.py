@@ -18,6 +18,7 @@ checks it). Figures of measurements are drawn by the notebooks' own code cells.
 | ``export_mapping.svg`` | notebook 05 | ``model/export.py`` |
 | ``ecosystem_map.svg`` | notebook 08 | ``serving/app.py`` (routes), ``ecosystem.py``, docs/clients.md |
 | ``cors_preflight.svg`` | notebook 08 | ``serving/middleware.py`` (CORSMiddleware), vLLM's ``--allowed-*`` |
+| ``roofline.svg`` | notebook 09 | ``bench/decode_bound.py`` (a schematic, no measured numbers) |
 | ``paged_kv_cache.svg`` | notebook 04 | ``engine/kv_cache.py``, ``engine/scheduler.py`` (``_preempt``) |
 """
 
@@ -622,6 +623,51 @@ def cors_preflight(out_dir: Path) -> Path:
     return save(fig, out_dir, "cors_preflight.svg")
 
 
+def roofline(out_dir: Path) -> Path:
+    """Notebook 09: a schematic roofline: decode at batch B does about B multiply-adds per weight byte read."""
+    fig, ax0 = canvas(4.0)
+    ax = fig.add_axes((0.08, 0.14, 0.5, 0.78))
+    ridge, peak = 10.0, 10.0  # schematic units: the ridge point where bandwidth × intensity reaches peak compute
+    xs = [0.1, ridge, 1000.0]
+    ax.plot(xs, [min(peak, x) for x in xs], color=OURS, lw=2)
+    ax.set(xscale="log", yscale="log", xlim=(0.1, 1000), ylim=(0.1, 30), xticks=[], yticks=[])
+    ax.minorticks_off()
+    ax.set_xlabel("arithmetic intensity: FLOPs per byte read from memory →", fontsize=8)
+    ax.set_ylabel("attainable FLOP/s →", fontsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.text(0.12, 3.0, "memory-bound:\nFLOP/s = bandwidth\n× intensity", fontsize=7.5, color=OURS, ha="left")
+    ax.text(40, 13, "compute-bound: peak FLOP/s", fontsize=7.5, color=OURS, ha="center")
+    points = [(0.5, "decode, batch 1", CLIENT), (4.0, "decode, batch B\n(B × the work per byte)", CLIENT),
+              (100.0, "prefill of a long\nprompt", MODEL)]
+    for x, text, color in points:
+        ax.plot([x], [min(peak, x)], "o", color=color, ms=7)
+        ax.text(x * 1.25, min(peak, x) * 0.55, text, fontsize=7.5, color=color, va="top")
+    ax.annotate("", xy=(3.6, 3.6), xytext=(0.56, 0.56),
+                arrowprops=dict(arrowstyle="-|>", color=CLIENT, lw=1.2, connectionstyle="arc3,rad=0.3"))
+    ax.axvline(ridge, color=MUTED, lw=0.8, linestyle="--")
+    ax.text(ridge * 1.1, 0.13, "ridge point", fontsize=7, color="#4a5568")
+    # the reasoning, on the right
+    lines = [("decode reads every weight once per step", INK, "bold"),
+             ("one token of one sequence: each weight is used for", INK, "normal"),
+             ("one multiply-add (2 FLOPs) per weight read", INK, "normal"),
+             ("→ tokens/s ≤ bandwidth / bytes of weights", OURS, "bold"),
+             ("", INK, "normal"),
+             ("batching moves a step right along the roof", INK, "bold"),
+             ("B sequences in one step share the read:", INK, "normal"),
+             ("B multiply-adds per weight, the same bytes", INK, "normal"),
+             ("→ up to B × the tokens/s, until compute", CLIENT, "bold"),
+             ("   (or attention over long contexts) limits it", CLIENT, "normal"),
+             ("", INK, "normal"),
+             ("prefill feeds many tokens per weight read:", INK, "normal"),
+             ("it is compute-bound already", MODEL, "normal"),
+             ("", INK, "normal"),
+             ("a schematic: no measured numbers on the axes", "#4a5568", "normal")]
+    for i, (text, color, weight) in enumerate(lines):
+        label(ax0, 6.25, 3.7 - 0.22 * i, text, ha="left", size=7.8, color=color, weight=weight)
+    return save(fig, out_dir, "roofline.svg")
+
+
 FIGURES = {  # file name → function; the test compares this list with the committed files
     "request_path.svg": request_path,
     "sse_chunk_sequence.svg": sse_chunk_sequence,
@@ -633,6 +679,7 @@ FIGURES = {  # file name → function; the test compares this list with the comm
     "export_mapping.svg": export_mapping,
     "ecosystem_map.svg": ecosystem_map,
     "cors_preflight.svg": cors_preflight,
+    "roofline.svg": roofline,
 }
 
 
