@@ -39,6 +39,7 @@ from minimind_course.serving.structured_output import (
     ConstraintFactory,
     GrammarError,
     StructuredOutput,
+    needs_grammar,
     request_grammar,
 )
 from minimind_course.serving.responses import (
@@ -62,8 +63,10 @@ def create_app(
     api_key: str | None = None,
     cors_origins: Sequence[str] = ("*",),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tool_grammar: str = "lazy",
 ) -> FastAPI:
-    """Build the server around an engine. ``api_key`` None leaves /v1 open; ``/health`` is always open."""
+    """Build the server around an engine. ``api_key`` None leaves /v1 open; ``/health`` is always open.
+    ``tool_grammar`` "lazy" constrains a call the model starts in ``tool_choice`` auto, "off" leaves auto free."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     adapters = engine.lora_names  # LoRA adapters are models of their own, with the base as parent (as vLLM)
     if clash := set(names) & set(adapters):
@@ -72,6 +75,7 @@ def create_app(
     app.state.engine = engine
     app.state.served_model_names = names
     app.state.started = int(time.time())
+    app.state.tool_grammar = tool_grammar
     token_text = TokenText(engine.tokenizer)
     grammars: list[StructuredOutput] = []  # built on the first request that needs one (reads the whole vocabulary)
     metrics = EngineMetrics(engine, names[0])
@@ -108,7 +112,7 @@ def create_app(
         tools = body.active_tools()
         prompt = _run_user_step(engine.chat_prompt, body.template_messages(), body.chat_template_kwargs, tools)
         thinking = prompt.rstrip().endswith(THINK_START)  # the template pre-filled an open <think>
-        constraint = await _constraint(engine, grammars, body, thinking)
+        constraint = await _constraint(engine, grammars, body, thinking, app.state.tool_grammar)
         handle = _submit(engine, engine.encode(prompt), body, meta.id, constraint, _adapter(meta.model, adapters))
         tokens = token_text if body.logprobs else None
         named = bool(body.forced_tools()) and body.tool_choice != "required"
@@ -157,17 +161,17 @@ def _adapter(model: str, adapters: list[str]) -> str | None:
 
 
 async def _constraint(engine: Engine, grammars: list[StructuredOutput], body: ChatCompletionRequest,
-                      thinking: bool) -> ConstraintFactory | None:
-    """The grammar a forced tool call or JSON output needs, compiled off the event loop; a schema xgrammar cannot
+                      thinking: bool, tool_grammar: str) -> ConstraintFactory | None:
+    """The grammar the request's tools or JSON output need, compiled off the event loop; a schema xgrammar cannot
     compile is the user's 400."""
-    if not body.forced_tools() and body.json_format() is None:
+    if not needs_grammar(body, tool_grammar):
         return None
 
     def compile_() -> ConstraintFactory:
         if not grammars:
             vocab = getattr(engine.model.config, "vocab_size", None) or len(engine.tokenizer)
             grammars.append(StructuredOutput(engine.tokenizer, vocab, engine.eos_token_ids))
-        return grammars[0].factory(request_grammar(body, thinking))
+        return grammars[0].factory(request_grammar(body, thinking, tool_grammar))
 
     try:
         return await asyncio.to_thread(compile_)
