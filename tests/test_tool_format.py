@@ -13,6 +13,7 @@ from minimind_course.client.history import message_text
 from minimind_course.model.loading import BUNDLED_MODEL_DIR
 from minimind_course.serving.protocol import ChatCompletionRequest
 from minimind_course.serving.structured_output import (
+    GrammarError,
     StructuredOutput,
     lazy_tool_grammar,
     needs_grammar,
@@ -213,3 +214,14 @@ def test_reasoning_may_hold_angle_brackets(accepts):
     assert not accepts(grammar, "想一想。\n</think>\n\n" + CALL_TIME)
     lazy = request_grammar(body(tools=TOOLS), thinking=True)
     assert accepts(lazy, "x<y\n</think>\n\n答案。")
+
+
+def test_a_schema_the_grammar_cannot_hold_is_the_users_error_in_auto_too():
+    """With the lazy grammar a tool's parameters are compiled in ``auto`` as well: one xgrammar cannot compile is
+    a 400 naming that tool's parameters (``GrammarError.param``), not a call that could never be made."""
+    broken = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}
+    with pytest.raises(GrammarError) as err:
+        request_grammar(body(tools=[WEATHER, broken]), False)
+    assert err.value.param == "tools.1.function.parameters"
+    assert request_grammar(body(tools=[WEATHER, broken]), False, "off") is None  # off: auto is not compiled

@@ -209,6 +209,8 @@ def test_structured_output_on_the_bundled_model(client):
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}], "tool_choice": "required"},
      "tools.0.function.parameters"),
+    ({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {  # auto: the lazy grammar
+        "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}]}, "tools.1.function.parameters"),
 ])
 def test_bad_tool_requests_are_400_naming_the_param(base_url, fields, param):
     response = httpx.post(base_url + "/chat/completions", json={"messages": USER, "max_tokens": 4, **fields})

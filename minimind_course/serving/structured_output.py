@@ -123,12 +123,15 @@ def _lazy_calls(tools: list[tuple[int, dict[str, Any]]], parallel: bool) -> st.T
     return st.TriggeredTagsFormat(triggers=[CALL_START], tags=_call_tags(tools), stop_after_first=not parallel)
 
 
-def _grammar(piece: st.Format, thinking: bool = False) -> xgr.Grammar:
+def _grammar(piece: st.Format, thinking: bool = False, param: str = "tools") -> xgr.Grammar:
     """The grammar of ``piece``; after a prompt's open ``<think>``, free reasoning up to ``</think>`` comes first."""
     if thinking:
         reasoning = st.TagFormat(begin="", content=st.AnyTextFormat(), end=THINK_END + "\n\n")
         piece = st.SequenceFormat(elements=[reasoning, piece])
-    return xgr.Grammar.from_structural_tag(st.StructuralTag(format=piece))
+    try:
+        return xgr.Grammar.from_structural_tag(st.StructuralTag(format=piece))
+    except (RuntimeError, ValueError) as err:
+        raise GrammarError(param, f"{param}: no grammar can be built for it: {_first_line(err)}") from None
 
 
 def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool) -> xgr.Grammar:
@@ -143,11 +146,15 @@ def lazy_tool_grammar(tools: list[dict[str, Any]], parallel: bool) -> xgr.Gramma
     return _grammar(_lazy_calls(list(enumerate(tools)), parallel))
 
 
+def _lazy(body, tool_grammar: str) -> bool:
+    """Whether the lazy tool grammar applies: it is on and the model is shown tools (``tool_choice`` not none)."""
+    return tool_grammar == "lazy" and bool(body.active_tools())
+
+
 def needs_grammar(body, tool_grammar: str = "lazy") -> bool:
     """Whether a chat request is decoded under a grammar: forced tools, JSON output, or auto tools with the lazy
     tool grammar on."""
-    lazy = tool_grammar == "lazy" and bool(body.active_tools())
-    return lazy or bool(body.forced_tools()) or body.json_format() is not None
+    return _lazy(body, tool_grammar) or bool(body.forced_tools()) or body.json_format() is not None
 
 
 def request_grammar(body, thinking: bool, tool_grammar: str = "lazy") -> xgr.Grammar | None:
@@ -159,11 +166,10 @@ def request_grammar(body, thinking: bool, tool_grammar: str = "lazy") -> xgr.Gra
     if forced := {tool.function.name for tool in body.forced_tools()}:
         return _grammar(_calls_only([(i, t) for i, t in indexed if t["function"]["name"] in forced],
                                     parallel=body.tool_choice == "required" and body.parallel_tool_calls), thinking)
-    lazy = tool_grammar == "lazy" and bool(body.active_tools())
     if (schema := body.json_format()) is not None:
         spec = getattr(body.response_format, "json_schema", None)
         piece: st.Format = _compact_json(schema, "response_format", strict=spec is not None)
-        if lazy:
-            piece = st.OrFormat(elements=[_calls_only(indexed, body.parallel_tool_calls), piece])
-        return _grammar(piece, thinking)
+        if not _lazy(body, tool_grammar):
+            return _grammar(piece, thinking, "response_format")
+        return _grammar(st.OrFormat(elements=[_calls_only(indexed, body.parallel_tool_calls), piece]), thinking)
     return _grammar(_lazy_calls(indexed, body.parallel_tool_calls), thinking)
