@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from minimind_course.engine.kv_cache import KVCache, kv_bytes_per_token
+from minimind_course.engine.block_manager import BlockManager
+from minimind_course.engine.kv_cache import kv_bytes_per_token
 from minimind_course.engine.scheduler import Scheduler
 from minimind_course.engine.engine import Engine, RequestTooLargeError, StepStats
 from minimind_course.engine.sampling import SamplingParams
@@ -103,7 +104,7 @@ def test_a_cancelled_sequence_frees_its_seat_and_blocks_for_a_waiting_request(to
         for stream in streams:
             await stream.__anext__()
         assert (engine.num_running, engine.queued) == (2, 1)  # two seats, both taken
-        used = engine.kv_cache.used_blocks
+        used = engine.block_manager.used_blocks
         a.cancel()
         result = await waiting.result()
         b.cancel()
@@ -114,7 +115,7 @@ def test_a_cancelled_sequence_frees_its_seat_and_blocks_for_a_waiting_request(to
     used, result = asyncio.run(run())
     engine.close()
     assert used == 2 and result.completion_tokens == 3
-    assert engine.kv_cache.used_blocks == 0  # every block came back
+    assert engine.block_manager.used_blocks == 0  # every block came back
 
 
 # ---- limits --------------------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ async def test_kv_memory_bounds_the_batch_and_preempted_sequences_still_give_the
     usage, preemptions, waiting = [], [], []
 
     def watch(stats: StepStats) -> None:
-        usage.append(own.kv_cache.usage)
+        usage.append(own.block_manager.usage)
         waiting.append(own.queued)
         preemptions.append(stats.preemptions)
 
@@ -175,13 +176,9 @@ def test_requests_that_can_never_fit_are_refused_at_once(tokenizer_engine):
 
 
 def test_the_scheduler_chunks_long_prompts_and_keeps_decoding_the_others():
-    from types import SimpleNamespace
-
     from minimind_course.engine.sequence import Request, Sequence
 
-    config = SimpleNamespace(num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=1)
-    cache = KVCache(config, 64 * 16 * 8, dtype=torch.float32)
-    scheduler = Scheduler(cache, max_num_seqs=4, max_num_batched_tokens=64)
+    scheduler = Scheduler(BlockManager(64, 16), max_num_seqs=4, max_num_batched_tokens=64)
 
     def sequence(tokens: int, computed: int) -> Sequence:
         request = Request(None, SamplingParams(), [], tokens, 0.0)

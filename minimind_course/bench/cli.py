@@ -30,6 +30,7 @@ from minimind_course.bench.loadgen import (
     sweep_report,
 )
 from minimind_course.bench.overhead import OverheadConfig, format_overhead, measure_overhead
+from minimind_course.engine.config import EngineConfig
 
 SUBCOMMANDS = ("sweep", "overhead", "batching")
 ROUNDS_HELP = ("waves of C requests at least at each level C: a level sends max(--requests-per-level, rounds x C), so "
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "requests, reads its /metrics; then measures the engine in-process.")
     batch.add_argument("--concurrency", type=concurrency_list, default=[1, 16], help="levels (default: 1,16)")
     add_load_arguments(batch)
-    batch.add_argument("--max-num-seqs", type=positive_int, default=32, help="seats of the batched servers")
+    batch.add_argument("--max-num-seqs", type=positive_int, default=EngineConfig.max_num_seqs,
+                       help="seats of the batched servers")
     batch.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     batch.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip real vLLM")
     batch.add_argument("--out", type=Path, default=Path("batching.json"), help="JSON file (default: %(default)s)")

@@ -14,11 +14,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from minimind_course.engine.kv_cache import KVCache
+from minimind_course.engine.block_manager import BlockManager
+from minimind_course.engine.config import EngineConfig
 from minimind_course.engine.sequence import Request, Sequence
-
-DEFAULT_MAX_NUM_SEQS = 32
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
 
 
 @dataclass
@@ -33,11 +31,11 @@ class StepPlan:
 class Scheduler:
     """Running sequences, preempted ones waiting for blocks, and the rules that move them."""
 
-    def __init__(self, kv_cache: KVCache, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-                 max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = EngineConfig.max_num_seqs,
+                 max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
-        self.kv_cache = kv_cache
+        self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.running: list[Sequence] = []  # hold blocks, in admission order
@@ -51,12 +49,12 @@ class Scheduler:
         """Admission rule: a seat for each of the ``n`` sequences under ``max_num_seqs``, nobody preempted
         waiting, and free blocks for each copy of the prompt plus its first generated token."""
         return (self.num_seqs + n <= self.max_num_seqs and not self.preempted
-                and n * self.kv_cache.blocks_for(request_prompt_len + 1) <= len(self.kv_cache.free_blocks))
+                and n * self.block_manager.blocks_for(request_prompt_len + 1) <= self.block_manager.num_free)
 
     def add(self, request: Request) -> None:
         """Give a newly admitted request's sequences their prompt blocks (``can_admit`` said they fit)."""
         for seq in request.sequences:
-            if not self.kv_cache.allocate(seq.block_table, seq.num_tokens):
+            if not self.block_manager.allocate(seq.block_table, seq.num_tokens):
                 raise RuntimeError("admitted a request whose prompt does not fit in the free KV blocks")
             self.running.append(seq)
 
@@ -66,17 +64,18 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.preempted:
             self.preempted.remove(seq)
-        self.kv_cache.free(seq.block_table)
+        self.block_manager.free(seq.block_table)
 
     def schedule(self) -> StepPlan:
         """Decide the next step: resume preempted sequences, give decoders their blocks, pick prompt chunks."""
         plan = StepPlan()
-        while self.preempted and self.kv_cache.allocate(self.preempted[0].block_table, self.preempted[0].num_tokens):
+        blocks = self.block_manager
+        while self.preempted and blocks.allocate(self.preempted[0].block_table, self.preempted[0].num_tokens):
             self.running.append(self.preempted.popleft())
         for seq in list(self.running):  # decodes first: each may need one more block for the token it feeds
             if seq.uncomputed != 1 or seq not in self.running:
                 continue
-            while not self.kv_cache.allocate(seq.block_table, seq.num_tokens):
+            while not blocks.allocate(seq.block_table, seq.num_tokens):
                 victim = self.running[-1]
                 self._preempt(victim)
                 plan.preempted += 1
@@ -100,6 +99,6 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.kv_cache.free(seq.block_table)
+        self.block_manager.free(seq.block_table)
         seq.num_computed = 0
         self.preempted.appendleft(seq)

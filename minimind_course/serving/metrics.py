@@ -41,7 +41,8 @@ class EngineMetrics:
 
         gauge("vllm:num_requests_running", "Number of requests in model execution batches.", lambda: engine.num_running)
         gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", lambda: engine.queued)
-        gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", lambda: engine.kv_cache.usage)
+        gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+              lambda: engine.block_manager.usage)
         self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
