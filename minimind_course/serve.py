@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
                         help="prompt tokens prefilled per step: longer prompts are chunked so running streams "
                         "keep flowing (vLLM's chunked prefill); set it to --max-model-len to turn chunking off")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=EngineConfig.enable_prefix_caching,
+                        help="reuse the KV blocks of prompt prefixes seen before (vLLM's automatic prefix caching: "
+                        "full 16-token blocks, least recently used evicted first; default: on)")
     parser.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
                         help="largest request body accepted; larger ones get HTTP 413")
     parser.add_argument("--threads", type=int, default=None,
@@ -129,7 +133,8 @@ def serve_minimind(args: argparse.Namespace) -> int:
     try:
         engine = Engine(model, tokenizer, max_model_len=args.max_model_len, max_queue=args.max_queue,
                         max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory * MIB,
-                        max_num_batched_tokens=args.max_num_batched_tokens)
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        enable_prefix_caching=args.enable_prefix_caching)
     except ValueError as err:  # a KV cache too small for one max_model_len sequence, a bad max_model_len
         sock.close()
         raise SystemExit(f"error: {err}") from None

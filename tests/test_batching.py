@@ -182,9 +182,10 @@ def test_the_scheduler_chunks_long_prompts_and_keeps_decoding_the_others():
 
     def sequence(tokens: int, computed: int) -> Sequence:
         request = Request(None, SamplingParams(), [], tokens, 0.0)
-        seq = Sequence(tokens, request, 0, [1] * tokens, None, None, None, num_computed=computed)
+        seq = Sequence(tokens, request, 0, [1] * tokens, None, None, None)
         request.sequences.append(seq)
         scheduler.add(request)
+        seq.num_computed = computed  # as if its earlier steps had run
         return seq
 
     running = sequence(20, 19)  # decoding: one token to feed
@@ -346,14 +347,19 @@ def test_metrics_use_vllm_names_and_count_what_the_engine_did(make_server):
             while not next(lines).startswith("data: {"):
                 pass  # the first data line carries generated text: the request is in the batch now
             during = scrape(server.base_url)
+        long_prompt = "一二三四五六七八九十" * 4  # the same prompt twice: the second finds its full blocks cached
+        body = {"model": "minimind-test", "prompt": long_prompt, "max_tokens": 1, "ignore_eos": True}
+        repeated = [http.post(url, json=body).json()["usage"]["prompt_tokens"] for _ in range(2)]
     done = scrape(server.base_url)
+    assert done[("vllm:prefix_cache_queries_total", ())] >= sum(u["prompt_tokens"] for u in usages) + sum(repeated)
+    assert done[("vllm:prefix_cache_hits_total", ())] >= (repeated[1] - 1) // 16 * 16 > 0
     assert during[("vllm:num_requests_running", ())] == 1 and during[("vllm:kv_cache_usage_perc", ())] > 0
     assert done[("vllm:prompt_tokens_total", ())] >= sum(u["prompt_tokens"] for u in usages)
     assert done[("vllm:generation_tokens_total", ())] >= sum(u["completion_tokens"] for u in usages) == 5 + 6 + 7
-    assert done[("vllm:request_success_total", (("finished_reason", "length"),))] == 3
-    assert done[("vllm:time_to_first_token_seconds_count", ())] == 4  # the streamed one got its first token too
-    assert done[("vllm:e2e_request_latency_seconds_count", ())] == 3  # the one that was cut off is no success
-    assert done[("vllm:request_generation_tokens_sum", ())] == 18
+    assert done[("vllm:request_success_total", (("finished_reason", "length"),))] == 3 + 2
+    assert done[("vllm:time_to_first_token_seconds_count", ())] == 4 + 2  # the streamed one got its first token too
+    assert done[("vllm:e2e_request_latency_seconds_count", ())] == 3 + 2  # the one that was cut off is no success
+    assert done[("vllm:request_generation_tokens_sum", ())] == 18 + 2
     assert done[("vllm:inter_token_latency_seconds_count", ())] >= 4 + 5 + 6
     assert done[("vllm:num_requests_waiting", ())] == 0
 

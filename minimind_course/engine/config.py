@@ -17,6 +17,7 @@ class EngineConfig:
     kv_cache_memory: int = 512 * MIB  # bytes of keys/values; the bundled model needs 4 KiB per token (fp32)
     max_num_batched_tokens: int = 256  # prompt tokens prefilled per step (longer prompts are chunked)
     block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True  # reuse the keys/values of full blocks of prompts seen before
     trace_history: int = 1024  # finished requests ``Engine.traces()`` remembers
 
     def __post_init__(self):

@@ -45,7 +45,8 @@ class EngineCore:
                 f"a KV cache of {config.kv_cache_memory / 2**20:.0f} MiB holds {self.kv_cache.capacity_tokens} "
                 f"tokens, fewer than one sequence of max_model_len {self.max_model_len}: give it more memory or "
                 "lower max_model_len")
-        self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size, on_take=self.kv_cache.zero)
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size, on_take=self.kv_cache.zero,
+                                          enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv_cache)
         self.output = OutputProcessor(tokenizer, eos_token_ids(model, tokenizer))
@@ -83,6 +84,7 @@ class EngineCore:
 
     def step(self) -> tuple[list[RequestUpdate], StepStats | None]:
         """Admit, run one step, sample and detokenize; the updates, and the step's stats (None: nothing ran)."""
+        queries, hits = self.scheduler.prefix_queries, self.scheduler.prefix_hits
         updates = self._admit()
         if not self.scheduler.num_seqs:
             return updates, None
@@ -91,6 +93,8 @@ class EngineCore:
             self._run(stats, updates)
         except Exception as err:  # a bug in the engine itself: end every running request, keep serving
             updates += [self._end(request, "failed", err) for request in list(self.requests.values())]
+        stats.prefix_cache_queries = self.scheduler.prefix_queries - queries
+        stats.prefix_cache_hits = self.scheduler.prefix_hits - hits
         return updates, stats
 
     def _admit(self) -> list[RequestUpdate]:
@@ -149,7 +153,7 @@ class EngineCore:
             return [pair for own in rows
                     for pair in self._forward([seqs[i] for i in own], [query_lens[i] for i in own], updates)]
         for seq, n in zip(seqs, query_lens):
-            seq.num_computed += n
+            self.scheduler.computed(seq, n)
         return [(seq, logits[i]) for i, seq in enumerate(seqs) if seq.uncomputed == 0]
 
     def _sample(self, ready: list[tuple[Sequence, torch.Tensor]], stats: StepStats,

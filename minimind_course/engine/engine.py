@@ -72,11 +72,14 @@ class Engine:
         max_num_seqs: int = EngineConfig.max_num_seqs,
         kv_cache_memory: int = EngineConfig.kv_cache_memory,
         max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens,
+        enable_prefix_caching: bool = EngineConfig.enable_prefix_caching,
     ):
         """``max_num_seqs``: sequences decoded together; ``kv_cache_memory``: bytes of keys/values (blocks of
-        16 tokens); ``max_num_batched_tokens``: prompt tokens prefilled per step (longer prompts are chunked)."""
+        16 tokens); ``max_num_batched_tokens``: prompt tokens prefilled per step (longer prompts are chunked);
+        ``enable_prefix_caching``: reuse the cached blocks of prompt prefixes seen before."""
         self.config = EngineConfig(max_model_len=max_model_len, max_queue=max_queue, max_num_seqs=max_num_seqs,
-                                   kv_cache_memory=kv_cache_memory, max_num_batched_tokens=max_num_batched_tokens)
+                                   kv_cache_memory=kv_cache_memory, max_num_batched_tokens=max_num_batched_tokens,
+                                   enable_prefix_caching=enable_prefix_caching)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.core = EngineCore(self.model, tokenizer, self.config)

@@ -92,4 +92,6 @@ class StepStats:
     inter_token_latency_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
     preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens of sequences that got blocks in this step, looked up in the cache
+    prefix_cache_hits: int = 0  # ... of them found there (not computed again)
     request_ids: tuple[str, ...] = ()  # the requests that had sequences in this step's forward passes
