@@ -173,3 +173,10 @@ async def test_under_pressure_old_prefixes_are_evicted_and_answers_stay_right(en
         # asked again: the 14 blocks could not keep every answer's blocks, the least recently used went (the
         # prompt's own tail), the system-prompt block every request used survived
         assert queries == len(prompt) and 0 < hits < (len(prompt) - 1) // 16 * 16
+
+
+def test_serve_turns_the_cache_off_with_vllms_flag():
+    from minimind_course.serve import parse_args
+
+    assert parse_args([]).enable_prefix_caching is True
+    assert parse_args(["--no-enable-prefix-caching"]).enable_prefix_caching is False
