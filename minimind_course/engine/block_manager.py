@@ -125,11 +125,12 @@ class BlockManager:
         """Hash the blocks that are full and computed, so later sequences can find them."""
         if not self.enable_caching:
             return
-        parent = None
-        for i in range(num_computed // self.block_size):
+        full = start = num_computed // self.block_size
+        while start > 0 and self.hashes[block_table[start - 1]] is None:  # hashed blocks are a leading run
+            start -= 1
+        parent = self.hashes[block_table[start - 1]] if start else None
+        for i in range(start, full):
             block = block_table[i]
-            if self.hashes[block] is None:
-                tokens = token_ids[i * self.block_size:(i + 1) * self.block_size]
-                self.hashes[block] = block_hash(parent, tokens, extra)
-                self.cached.setdefault(self.hashes[block], block)  # a twin computed at the same time stays plain
-            parent = self.hashes[block]
+            parent = self.hashes[block] = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size],
+                                                     extra)
+            self.cached.setdefault(parent, block)  # a twin computed at the same time stays plain
