@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 
+from minimind_course.engine.config import MIB, EngineConfig
 from minimind_course.launch import bind_socket
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -39,16 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: fp32 on CPU)")
     parser.add_argument("--cors-origins", default="*",
                         help="comma-separated origins browsers may call from (default: *)")
-    parser.add_argument("--max-queue", type=int, default=64,
+    parser.add_argument("--max-queue", type=int, default=EngineConfig.max_queue,
                         help="requests that may wait for a seat in the running batch; more get HTTP 429")
-    parser.add_argument("--max-num-seqs", type=int, default=32,
+    parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                         help="sequences decoded together in one batch (n choices count n); vLLM's flag of the same "
                         "name (also passed to --backend vllm)")
-    parser.add_argument("--kv-cache-memory", type=int, default=512, metavar="MIB",
+    parser.add_argument("--kv-cache-memory", type=int, default=EngineConfig.kv_cache_memory // MIB, metavar="MIB",
                         help="MiB of KV cache (blocks of 16 tokens); a request waits until its prompt fits")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=256,
+    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
                         help="prompt tokens prefilled per step: longer prompts are chunked so running streams "
                         "keep flowing (vLLM's chunked prefill); set it to --max-model-len to turn chunking off")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=EngineConfig.enable_prefix_caching,
+                        help="reuse the KV blocks of prompt prefixes seen before (vLLM's automatic prefix caching: "
+                        "full 16-token blocks, least recently used evicted first; default: on)")
     parser.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
                         help="largest request body accepted; larger ones get HTTP 413")
     parser.add_argument("--threads", type=int, default=None,
@@ -135,8 +140,9 @@ def serve_minimind(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: cannot load the model: {message}") from None
     try:
         engine = Engine(model, tokenizer, max_model_len=args.max_model_len, max_queue=args.max_queue,
-                        max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory * 2**20,
-                        max_num_batched_tokens=args.max_num_batched_tokens)
+                        max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory * MIB,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        enable_prefix_caching=args.enable_prefix_caching)
     except ValueError as err:  # a KV cache too small for one max_model_len sequence, a bad max_model_len
         sock.close()
         raise SystemExit(f"error: {err}") from None

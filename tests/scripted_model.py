@@ -33,7 +33,8 @@ class ScriptedLM(nn.Module):
         self.step_delay = step_delay
         self.config = SimpleNamespace(max_position_embeddings=max_len, eos_token_id=None, num_hidden_layers=1,
                                       num_attention_heads=1, num_key_value_heads=1, head_dim=64)
-        self.prompt_lens: dict[int, int] = {}  # first cache slot of a sequence -> its prompt length
+        self.slot_tokens: dict[int, int] = {}  # cache slot -> token written there (a shared block: equal tokens)
+        self.generated: dict[int, int] = {}  # hash of a context it answered, answer included -> tokens generated
         self.anchor = nn.Parameter(torch.zeros(1))
 
     @property
@@ -49,11 +50,18 @@ class ScriptedLM(nn.Module):
         if any((input_ids[row, :n] == self.FAIL_TOKEN).any() for row, n in enumerate(real)):
             raise RuntimeError("scripted failure")
         logits = torch.full((rows, 1 if logits_to_keep == 1 else width, self.vocab_size), -1e4)
+        slots, ids = past_key_values.slot_mapping.view(rows, width).tolist(), input_ids.tolist()
+        for row, n in enumerate(real):
+            self.slot_tokens.update(zip(slots[row][:n], ids[row][:n]))
+        block_size = past_key_values.cache.block_size
         for row, (positions, table, n) in enumerate(zip(position_ids.tolist(), past_key_values.block_tables.tolist(),
                                                         real)):
-            last = positions[n - 1]
-            if positions[0] == 0 or n > 1:  # a prompt chunk (decode rows feed one token): the prompt reaches here
-                self.prompt_lens[table[0]] = last + 1  # (a last chunk of exactly one token would look like decode)
-            generated = last + 1 - self.prompt_lens[table[0]]
-            logits[row, :, self.script[min(generated, len(self.script) - 1)]] = 0.0
+            # the row's whole context, read back from the cache: its prompt is whatever this model did not write,
+            # whether the engine computed it, found it in the prefix cache or recomputes it after a preemption
+            context = tuple(self.slot_tokens[table[t // block_size] * block_size + t % block_size]
+                            for t in range(positions[n - 1] + 1))
+            generated = self.generated.get(hash(context), 0)
+            token = self.script[min(generated, len(self.script) - 1)]
+            self.generated[hash((*context, token))] = generated + 1
+            logits[row, :, token] = 0.0
         return SimpleNamespace(logits=logits, past_key_values=past_key_values)

@@ -1,5 +1,7 @@
-"""The package's shape: docs/architecture.md's module map matches the files, and the client side imports no torch."""
+"""The package's shape: docs/architecture.md's module map matches the files, the engine's imports point down, and
+the client side imports no torch."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -28,6 +30,68 @@ def test_every_module_is_in_the_map_and_every_row_exists():
     assert sorted(mapped - files) == [], "the map names files that do not exist"
 
 
+ENGINE = PACKAGE / "engine"
+# what the engine's lower layers must not know about: the core and everything that drives or feeds it
+ABOVE = {
+    "sequence": {"core", "engine", "handle", "scheduler", "block_manager", "kv_cache", "runner", "sampler",
+                 "output_processor"},
+    "block_manager": {"core", "engine", "handle", "scheduler", "sequence", "kv_cache", "runner", "sampler",
+                      "output_processor"},
+    "scheduler": {"core", "engine", "handle", "kv_cache", "runner", "sampler", "output_processor"},
+    "core": {"engine", "handle"},
+}
+
+
+def engine_imports() -> dict[str, set[str]]:
+    """Each engine module's imports of other engine modules (TYPE_CHECKING ones included), from its source."""
+    graph = {}
+    for path in ENGINE.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "minimind_course.engine":
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minimind_course.engine."):
+                found.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("minimind_course.engine.")}
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_engine_imports_have_no_cycle_and_point_down():
+    graph = engine_imports()
+    assert graph["engine"] >= {"core", "handle"} and graph["core"] >= {"scheduler", "runner", "sampler"}
+    for module, forbidden in ABOVE.items():
+        assert graph[module] & forbidden == set(), f"engine/{module}.py imports a module above it"
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module not in done:
+            for child in graph.get(module, ()):
+                visit(child, (*path, module))
+            done.add(module)
+
+    for module in graph:
+        visit(module, ())
+
+
+def test_the_core_knows_no_threads_or_event_loop_and_no_engine_file_is_long():
+    core = {alias.name for node in ast.walk(ast.parse((ENGINE / "core.py").read_text(encoding="utf-8")))
+            if isinstance(node, ast.Import) for alias in node.names}
+    assert core & {"asyncio", "threading"} == set()
+    lengths = {path.name: len(path.read_text(encoding="utf-8").splitlines()) for path in ENGINE.glob("*.py")}
+    assert {name: n for name, n in lengths.items() if n > 300} == {}
+
+
+def test_the_engine_keeps_its_public_names_importable_from_engine_engine():
+    from minimind_course.engine import engine, outputs
+
+    for name in engine.__all__:
+        assert hasattr(engine, name), name
+    assert engine.StepOutput is outputs.StepOutput
+
+
 def test_entry_points_are_thin():
     """`python -m minimind_course.chat` etc. only hand over to the module of their layer."""
     for name in ("chat.py", "export.py", "train_tiny.py", "eval_tiny.py"):
@@ -47,7 +111,8 @@ def heavy_modules_after(code: str) -> list[str]:
 @pytest.mark.parametrize("module", ["minimind_course", "minimind_course.client", "minimind_course.client.terminal",
                                     "minimind_course.client.widget", "minimind_course.bench.loadgen",
                                     "minimind_course.bench.cli", "minimind_course.bench.timing",
-                                    "minimind_course.launch", "minimind_course.serve", "minimind_course.chat"])
+                                    "minimind_course.launch", "minimind_course.serve", "minimind_course.chat",
+                                    "minimind_course.engine.config"])
 def test_client_side_imports_neither_torch_nor_transformers(module):
     assert heavy_modules_after(f"import {module}") == []
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from minimind_course.engine.kv_cache import KVCache, kv_bytes_per_token
+from minimind_course.engine.block_manager import BlockManager
+from minimind_course.engine.kv_cache import kv_bytes_per_token
 from minimind_course.engine.scheduler import Scheduler
 from minimind_course.engine.engine import Engine, RequestTooLargeError, StepStats
 from minimind_course.engine.sampling import SamplingParams
@@ -103,7 +104,7 @@ def test_a_cancelled_sequence_frees_its_seat_and_blocks_for_a_waiting_request(to
         for stream in streams:
             await stream.__anext__()
         assert (engine.num_running, engine.queued) == (2, 1)  # two seats, both taken
-        used = engine.kv_cache.used_blocks
+        used = engine.block_manager.used_blocks
         a.cancel()
         result = await waiting.result()
         b.cancel()
@@ -114,7 +115,7 @@ def test_a_cancelled_sequence_frees_its_seat_and_blocks_for_a_waiting_request(to
     used, result = asyncio.run(run())
     engine.close()
     assert used == 2 and result.completion_tokens == 3
-    assert engine.kv_cache.used_blocks == 0  # every block came back
+    assert engine.block_manager.used_blocks == 0  # every block came back
 
 
 # ---- limits --------------------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ async def test_kv_memory_bounds_the_batch_and_preempted_sequences_still_give_the
     usage, preemptions, waiting = [], [], []
 
     def watch(stats: StepStats) -> None:
-        usage.append(own.kv_cache.usage)
+        usage.append(own.block_manager.usage)
         waiting.append(own.queued)
         preemptions.append(stats.preemptions)
 
@@ -175,19 +176,16 @@ def test_requests_that_can_never_fit_are_refused_at_once(tokenizer_engine):
 
 
 def test_the_scheduler_chunks_long_prompts_and_keeps_decoding_the_others():
-    from types import SimpleNamespace
-
     from minimind_course.engine.sequence import Request, Sequence
 
-    config = SimpleNamespace(num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=1)
-    cache = KVCache(config, 64 * 16 * 8, dtype=torch.float32)
-    scheduler = Scheduler(cache, max_num_seqs=4, max_num_batched_tokens=64)
+    scheduler = Scheduler(BlockManager(64, 16), max_num_seqs=4, max_num_batched_tokens=64)
 
     def sequence(tokens: int, computed: int) -> Sequence:
         request = Request(None, SamplingParams(), [], tokens, 0.0)
-        seq = Sequence(tokens, request, 0, [1] * tokens, None, None, None, num_computed=computed)
+        seq = Sequence(tokens, request, 0, [1] * tokens, None, None, None)
         request.sequences.append(seq)
         scheduler.add(request)
+        seq.num_computed = computed  # as if its earlier steps had run
         return seq
 
     running = sequence(20, 19)  # decoding: one token to feed
@@ -349,14 +347,19 @@ def test_metrics_use_vllm_names_and_count_what_the_engine_did(make_server):
             while not next(lines).startswith("data: {"):
                 pass  # the first data line carries generated text: the request is in the batch now
             during = scrape(server.base_url)
+        long_prompt = "一二三四五六七八九十" * 4  # the same prompt twice: the second finds its full blocks cached
+        body = {"model": "minimind-test", "prompt": long_prompt, "max_tokens": 1, "ignore_eos": True}
+        repeated = [http.post(url, json=body).json()["usage"]["prompt_tokens"] for _ in range(2)]
     done = scrape(server.base_url)
+    assert done[("vllm:prefix_cache_queries_total", ())] >= sum(u["prompt_tokens"] for u in usages) + sum(repeated)
+    assert done[("vllm:prefix_cache_hits_total", ())] >= (repeated[1] - 1) // 16 * 16 > 0
     assert during[("vllm:num_requests_running", ())] == 1 and during[("vllm:kv_cache_usage_perc", ())] > 0
     assert done[("vllm:prompt_tokens_total", ())] >= sum(u["prompt_tokens"] for u in usages)
     assert done[("vllm:generation_tokens_total", ())] >= sum(u["completion_tokens"] for u in usages) == 5 + 6 + 7
-    assert done[("vllm:request_success_total", (("finished_reason", "length"),))] == 3
-    assert done[("vllm:time_to_first_token_seconds_count", ())] == 4  # the streamed one got its first token too
-    assert done[("vllm:e2e_request_latency_seconds_count", ())] == 3  # the one that was cut off is no success
-    assert done[("vllm:request_generation_tokens_sum", ())] == 18
+    assert done[("vllm:request_success_total", (("finished_reason", "length"),))] == 3 + 2
+    assert done[("vllm:time_to_first_token_seconds_count", ())] == 4 + 2  # the streamed one got its first token too
+    assert done[("vllm:e2e_request_latency_seconds_count", ())] == 3 + 2  # the one that was cut off is no success
+    assert done[("vllm:request_generation_tokens_sum", ())] == 18 + 2
     assert done[("vllm:inter_token_latency_seconds_count", ())] >= 4 + 5 + 6
     assert done[("vllm:num_requests_waiting", ())] == 0
 

@@ -141,3 +141,17 @@ def test_inter_token_latency_is_per_token_not_per_chunk():
     assert timed.itl == pytest.approx(0.1)
     assert TimedStream(True, ttft=0.1, latency=0.1, output_tokens=1).itl is None
     assert TimedStream(False, error="boom").itl is None
+
+
+def test_bench_prefix_report_reads_as_ratios():
+    from minimind_course.bench.prefix import format_prefix
+
+    side = {"cold_ttft_s": 0.2, "warm_ttft_s": 0.04, "warm_over_cold": 0.2, "prompt_tokens": 812.0,
+            "zero_hit_tokens_per_s": 990.0, "zero_hit_tokens_per_cpu_s": 1100.0}
+    report = {"config": {"rounds": 5}, "off": side | {"warm_ttft_s": 0.21, "warm_over_cold": 1.05},
+              "on": side | {"chat": {"turns": 10, "reused": 0.9, "hits": 900, "queries": 1000}},
+              "zero_hit_throughput_on_over_off": 1.0, "zero_hit_cpu_throughput_on_over_off": 0.99, "loadavg_before": (1.0, 1.0, 1.0),
+              "loadavg_after": (2.0, 1.5, 1.0)}
+    text = format_prefix(report)
+    assert "warm/cold 1.05" in text and "warm/cold 0.20" in text and "90% of its prompt tokens" in text
+    assert "on/off: 1.000 (wall), 0.990 (CPU time)" in text and "1.00, 1.00, 1.00 / 2.00, 1.50, 1.00" in text

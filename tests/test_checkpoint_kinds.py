@@ -385,6 +385,35 @@ async def test_two_adapters_and_the_base_served_concurrently(base_and_adapters):
     assert len(set(together[:3])) > 1  # the adapters really change the answers
 
 
+def test_the_prefix_cache_keeps_adapters_apart(base_and_adapters):
+    """The same prompt under another adapter has other keys/values: no hit; under the same adapter: a hit."""
+    import asyncio
+
+    from minimind_course.engine.sampling import SamplingParams
+
+    sd, c, medical, identity, folder = base_and_adapters
+    adapters = {"medical": folder / "lora_medical_64.pth", "identity": folder / "lora_identity_64.pth"}
+    engine, _ = served(save_pth(folder, sd), lora=adapters)
+    seen = []
+    engine.stats_listeners.append(lambda stats: seen.append(stats.prefix_cache_hits) if stats.prefix_cache_queries
+                                  else None)
+    prompt = [1] + [3 + (7 * i) % (VOCAB - 3) for i in range(47)]  # 48 tokens: 2 full blocks before the last
+    order = [None, "medical", "identity", "medical", None]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+    async def run():
+        return [(await engine.submit(prompt, params, lora=lora).result()).texts[0] for lora in order]
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        engine.close()
+    assert seen == [0, 0, 0, 32, 32]
+    loras = {"medical": medical, None: None, "identity": identity}
+    for lora, answer in zip(order, answers):
+        assert answer == text(engine.tokenizer, reference_greedy(sd, c, prompt, loras[lora])), lora
+
+
 def test_serve_flags_for_adapters_and_yarn(capsys):
     from minimind_course.serve import parse_args
 

@@ -134,6 +134,30 @@ def test_seed_reproduces_sampling_and_choices_differ(engine):
     assert len(set(texts)) > 1  # each choice is its own sample
 
 
+def test_logit_bias_steers_greedy_rows_batched_with_plain_greedy_ones(engine):
+    """The greedy fast path (one argmax for plain rows) must not skip a row's bias; in one batch."""
+    prompt = engine.encode(engine.chat_prompt([{"role": "user", "content": "你好，请介绍一下你自己"}]))
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    async def run():
+        plain = await engine.submit(prompt, greedy).result()
+        first = engine.encode(plain.texts[0])[0]
+        forced = engine.encode("Z")[0]  # one ASCII letter, one token, whatever the tokenizer
+        banned, steered, again = await asyncio.gather(
+            engine.submit(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                 logit_bias={first: -100.0})).result(),
+            engine.submit(prompt, SamplingParams(temperature=0, max_tokens=1, logit_bias={forced: 100.0})).result(),
+            engine.submit(prompt, greedy).result())
+        return plain, first, forced, banned, steered, again
+
+    plain, first, forced, banned, steered, again = asyncio.run(run())
+    assert again.texts == plain.texts  # the plain row beside them is untouched
+    assert engine.encode(banned.texts[0])[0] != first and first not in engine.encode(banned.texts[0])
+    assert engine.encode(steered.texts[0]) == [forced]
+    with pytest.raises(ValueError, match="logit_bias"):
+        asyncio.run(collect(engine, SamplingParams(logit_bias={10**9: 1.0})))
+
+
 def test_generation_config_supplies_sampling_defaults(tokenizer):
     from transformers import GenerationConfig
 

@@ -65,3 +65,37 @@ def test_seeded_generators_repeat_and_unseeded_ones_differ():
 
     seeded = make_generator(42, "cpu")
     assert draw(seeded) == draw(make_generator(42, "cpu")) != draw(make_generator(None, "cpu"))
+
+
+def test_logit_bias_is_added_before_the_penalties_and_bans_or_forces_a_token():
+    scores = torch.tensor([[0.0, 3.0, 2.5, 1.0]])
+    for bias, expected in (({1: -100.0}, 2), ({3: 100.0}, 3), ({}, 1)):
+        params = SamplingParams(temperature=0, logit_bias=bias)
+        pick = next_tokens(params, build_logits_pipeline(params, 3), sequence(), scores, make_generator(0, "cpu"))
+        assert pick.tolist() == [expected]
+    params = SamplingParams(temperature=0, logit_bias={2: 0.25})
+    out = build_logits_pipeline(params, 3)(sequence(), scores.clone())
+    assert out.tolist() == [[0.0, 3.0, 2.75, 1.0]]  # added, as OpenAI defines it, not multiplied
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best_after_temperature():
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    params = SamplingParams(min_p=0.25)  # keeps p >= 0.125: tokens 0, 1, 2
+    pipeline = build_logits_pipeline(params, 3)
+    draws = {next_tokens(params, pipeline, sequence(), scores, make_generator(seed, "cpu")).item()
+             for seed in range(300)}
+    assert draws == {0, 1, 2}
+    # vLLM's order: temperature first. logits [0, -1] at temperature 0.5 -> ratio e^-2 = 0.14 < 0.3: token 1 goes
+    two = torch.tensor([[0.0, -1.0]])
+    sharp = build_logits_pipeline(SamplingParams(temperature=0.5, min_p=0.3), 3)(sequence(), two.clone())
+    flat = build_logits_pipeline(SamplingParams(min_p=0.3), 3)(sequence(), two.clone())
+    assert sharp[0, 1].item() == float("-inf") and flat[0, 1].item() == -1.0
+
+
+def test_bad_min_p_and_logit_bias_keys_are_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={-1: 5.0})

@@ -23,7 +23,9 @@ from minimind_course.bench.loadgen import (
     sweep,
     sweep_report,
 )
+from minimind_course.engine.config import EngineConfig
 from minimind_course.launch import ServeProcess
+
 
 @dataclass(frozen=True)
 class BatchingConfig:
@@ -33,12 +35,12 @@ class BatchingConfig:
     requests_per_level: int = 32  # at least: rounds x concurrency when that is more
     rounds: int = 4
     max_tokens: int = 64
-    max_num_seqs: int = 32
+    max_num_seqs: int = EngineConfig.max_num_seqs
     threads: int | None = None
     vllm: bool = True
     stall_prompt_tokens: int = 900
     stall_streams: int = 4
-    chunk_tokens: int = 256
+    chunk_tokens: int = EngineConfig.max_num_batched_tokens
 
 
 def measure_server(name: str, server, config: BatchingConfig) -> dict[str, object]:

@@ -30,8 +30,9 @@ from minimind_course.bench.loadgen import (
     sweep_report,
 )
 from minimind_course.bench.overhead import OverheadConfig, format_overhead, measure_overhead
+from minimind_course.engine.config import EngineConfig
 
-SUBCOMMANDS = ("sweep", "overhead", "batching")
+SUBCOMMANDS = ("sweep", "overhead", "batching", "prefix")
 ROUNDS_HELP = ("waves of C requests at least at each level C: a level sends max(--requests-per-level, rounds x C), so "
                "most requests run with C others in flight (one wave has no steady state; default: %(default)s)")
 
@@ -102,12 +103,38 @@ def build_parser() -> argparse.ArgumentParser:
                                 "requests, reads its /metrics; then measures the engine in-process.")
     batch.add_argument("--concurrency", type=concurrency_list, default=[1, 16], help="levels (default: 1,16)")
     add_load_arguments(batch)
-    batch.add_argument("--max-num-seqs", type=positive_int, default=32, help="seats of the batched servers")
+    batch.add_argument("--max-num-seqs", type=positive_int, default=EngineConfig.max_num_seqs,
+                       help="seats of the batched servers")
     batch.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     batch.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip real vLLM")
     batch.add_argument("--out", type=Path, default=Path("batching.json"), help="JSON file (default: %(default)s)")
     batch.add_argument("--plot", type=Path, default=Path("batching.png"), help="PNG file (default: %(default)s)")
+    prefix = commands.add_parser("prefix", help="prefix caching in-process: cold vs warm TTFT, cache on vs off",
+                                 description="Cold vs warm time to first token on a multi-turn chat, the share of a "
+                                 "10-turn chat's prompt found cached, throughput at a 0 % hit rate; cache off, then on.")
+    prefix.add_argument("--model", default=None, help="model folder or .pth (default: the bundled MiniMind-Tiny)")
+    prefix.add_argument("--prompt-tokens", type=positive_int, default=800, help="chat length (default: %(default)s)")
+    prefix.add_argument("--rounds", type=positive_int, default=5, help="conversations per setting (default: 5)")
+    prefix.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    prefix.add_argument("--out", type=Path, default=Path("prefix.json"), help="JSON file (default: %(default)s)")
     return parser
+
+
+def run_prefix_command(args: argparse.Namespace) -> int:
+    from minimind_course.bench.prefix import PrefixConfig, format_prefix, measure_prefix
+
+    config = PrefixConfig(model=args.model, prompt_tokens=args.prompt_tokens, rounds=args.rounds,
+                          threads=args.threads)
+    try:
+        report = measure_prefix(config)
+    except (RuntimeError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_prefix(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"results written to {args.out}")
+    return 0
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -181,4 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "sweep")  # `bench --base-url ...` means `bench sweep --base-url ...`
     args = build_parser().parse_args(argv)
-    return {"sweep": run_sweep, "overhead": run_overhead, "batching": run_batching_command}[args.command](args)
+    runners = {"sweep": run_sweep, "overhead": run_overhead, "batching": run_batching_command,
+               "prefix": run_prefix_command}
+    return runners[args.command](args)

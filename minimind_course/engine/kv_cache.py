@@ -1,10 +1,11 @@
-"""The paged KV cache: fixed-size blocks of token slots, a free list, and a block table per sequence.
+"""The paged KV cache's storage: per layer, keys and values in fixed-size blocks of token slots.
 
 vLLM's PagedAttention idea in plain PyTorch. Per layer, keys and values live in one tensor of
-``num_blocks * block_size`` token slots. A sequence owns a list of blocks (its block table); token ``t`` of
-that sequence sits in slot ``block_table[t // block_size] * block_size + t % block_size``. Memory is allocated
-once, bounded by a byte budget, and a sequence takes blocks as it grows, so short answers do not reserve room
-for the longest possible one. Attention reads a row's context by gathering its blocks into one tensor.
+``num_blocks * block_size`` token slots. A sequence holds a list of blocks (its block table, handed out by
+``block_manager.BlockManager``); token ``t`` of that sequence sits in slot
+``block_table[t // block_size] * block_size + t % block_size``. Memory is allocated once, bounded by a byte
+budget, and a sequence takes blocks as it grows, so short answers do not reserve room for the longest possible
+one. Attention reads a row's context by gathering its blocks into one tensor.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_BLOCK_SIZE = 16
+from minimind_course.engine.config import EngineConfig
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -25,10 +26,10 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 class KVCache:
-    """Keys and values of every running sequence, in blocks; ``allocate``/``free`` manage the free list."""
+    """Keys and values of every running sequence, in blocks (which block is whose: ``BlockManager``)."""
 
     def __init__(self, config, memory_bytes: int, *, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 block_size: int = DEFAULT_BLOCK_SIZE):
+                 block_size: int = EngineConfig.block_size):
         self.block_size = block_size
         self.bytes_per_block = kv_bytes_per_token(config, dtype) * block_size
         self.num_blocks = memory_bytes // self.bytes_per_block
@@ -44,45 +45,20 @@ class KVCache:
         # masked slot still enters the attention product (0 x NaN would be NaN)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self._zero([self.scratch_block])
-        self.free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out block 0 first
+        self.zero([self.scratch_block])
 
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    @property
-    def used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_blocks)
-
-    @property
-    def usage(self) -> float:
-        """Fraction of blocks in use (vLLM's ``kv_cache_usage_perc``: 1.0 means full)."""
-        return self.used_blocks / self.num_blocks
-
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
-    def allocate(self, block_table: list[int], num_tokens: int) -> bool:
-        """Grow ``block_table`` in place to hold ``num_tokens``; False (and nothing taken) when blocks run out."""
-        missing = self.blocks_for(num_tokens) - len(block_table)
-        if missing > len(self.free_blocks):
-            return False
-        new = [self.free_blocks.pop() for _ in range(max(missing, 0))]
-        if new:
-            self._zero(new)
-            block_table.extend(new)
-        return True
-
-    def _zero(self, blocks: list[int]) -> None:
+    def zero(self, blocks: list[int]) -> None:
+        """Fill blocks with zeros before their first use (the block manager calls it when it hands them out)."""
         index = torch.tensor(blocks, device=self.keys[0].device)
         for store in (*self.keys, *self.values):
             store.view(-1, self.block_size, *store.shape[1:]).index_fill_(0, index, 0)
-
-    def free(self, block_table: list[int]) -> None:
-        """Give a finished or preempted sequence's blocks back."""
-        self.free_blocks.extend(reversed(block_table))
-        block_table.clear()
 
     def batch_view(self, block_tables: list[list[int]], starts: list[int], query_lens: list[int]) -> BatchKV:
         """The cache as one forward pass sees it: row i feeds ``query_lens[i]`` new tokens from ``starts[i]``,

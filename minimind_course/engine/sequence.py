@@ -1,13 +1,15 @@
-"""A request and its sequences: what the scheduler moves between waiting, running and finished.
+"""A request and its sequences, as plain data keyed by request id: what the scheduler moves around.
 
 A request with ``n`` choices becomes ``n`` sequences that share its prompt and sampling parameters; each has its
 own tokens, random generator, text state and KV blocks, so each can finish, be cancelled or preempted alone.
+Nothing here points back at the caller: the engine's front end maps request ids to whoever waits for them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from transformers import LogitsProcessorList
@@ -15,9 +17,6 @@ from transformers import LogitsProcessorList
 from minimind_course.engine.detokenize import IncrementalDetokenizer
 from minimind_course.engine.sampling import SamplingParams
 from minimind_course.engine.stop_strings import StopStringMatcher
-
-if TYPE_CHECKING:
-    from minimind_course.engine.engine import GenerationHandle
 
 
 class Constraint(Protocol):
@@ -31,6 +30,19 @@ class Constraint(Protocol):
 
     def done(self) -> bool:
         """True once the rule is complete: the sequence then ends with finish_reason "stop"."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request as the core receives it (vLLM's ``EngineCoreRequest``); ``constraint`` is one object for
+    ``n == 1`` or a zero-argument factory that makes one per choice."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    constraint: Constraint | Callable[[], Constraint] | None = None
+    lora_id: int = -1  # index into Engine.lora_names, -1 = the base model
+    arrived: float = 0.0  # time.monotonic() at submit
 
 
 @dataclass(eq=False)
@@ -65,9 +77,9 @@ class Sequence:
 
 @dataclass(eq=False)
 class Request:
-    """A submitted request inside the worker: its handle, shared sampling state and its sequences."""
+    """An admitted request inside the core: its id, shared sampling state and its sequences."""
 
-    handle: GenerationHandle
+    request_id: str
     params: SamplingParams
     pipeline: LogitsProcessorList
     prompt_len: int

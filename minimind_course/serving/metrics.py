@@ -41,8 +41,12 @@ class EngineMetrics:
 
         gauge("vllm:num_requests_running", "Number of requests in model execution batches.", lambda: engine.num_running)
         gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", lambda: engine.queued)
-        gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", lambda: engine.kv_cache.usage)
+        gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+              lambda: engine.block_manager.usage)
         self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
+        self.prefix_queries = counter("vllm:prefix_cache_queries",
+                                      "Prefix cache queries, in terms of number of queried tokens.")
+        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
         self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
@@ -62,6 +66,8 @@ class EngineMetrics:
     def record(self, stats: StepStats) -> None:
         """Called by the engine's worker after every step."""
         self.preemptions.inc(stats.preemptions)
+        self.prefix_queries.inc(stats.prefix_cache_queries)
+        self.prefix_hits.inc(stats.prefix_cache_hits)
         self.prompt_tokens.inc(stats.prompt_tokens)
         self.generation_tokens.inc(stats.generation_tokens)
         for value in stats.time_to_first_token_s:
