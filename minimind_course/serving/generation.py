@@ -170,7 +170,10 @@ class Generation:
             if self._grammars is None:
                 vocab = getattr(self.engine.model.config, "vocab_size", None) or len(self.engine.tokenizer)
                 self._grammars = StructuredOutput(self.engine.tokenizer, vocab, self.engine.eos_token_ids)
-            return self._grammars.factory(request_grammar(req, thinking), req.names.output_schema)
+            forced = req.forced_tools()  # a grammar that does not compile is blamed on what it came from
+            param = req.names.tool_parameters.format(index=forced[0][0]) if len(forced) == 1 else (
+                "tools" if forced else req.names.output_schema)
+            return self._grammars.factory(request_grammar(req, thinking), param)
 
         try:
             return await asyncio.to_thread(compile_)
