@@ -38,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="context length in tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: fp32 on CPU)")
-    parser.add_argument("--cors-origins", default="*",
-                        help="comma-separated origins browsers may call from (default: *)")
+    parser.add_argument("--cors-origins", default=None,
+                        help="comma-separated origins browsers may call from, * for any (default: pages on this "
+                             "machine, localhost/127.0.0.1/[::1] on any port, and browser extensions)")
+    parser.add_argument("--max-tokens-overflow", default="clamp", choices=("clamp", "error"),
+                        help="a max_tokens beyond what the context leaves: clamp it (finish_reason length, as "
+                             "llama.cpp) or refuse it with a 400 (as vLLM)")
     parser.add_argument("--max-queue", type=int, default=EngineConfig.max_queue,
                         help="requests that may wait for a seat in the running batch; more get HTTP 429")
     parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
@@ -87,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--tool-grammar lazy is this package's server only: vLLM leaves tool_choice auto unconstrained "
                      "(leave the flag out, or pass --tool-grammar off)")
     args.tool_grammar = args.tool_grammar or ("lazy" if args.backend == "minimind" else "off")
-    args.cors_origins = [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()]
+    if args.cors_origins is not None:
+        args.cors_origins = [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()]
     args.lora = parse_lora(parser, args.lora, args.served_model_name)
     for flag in ("max_num_seqs", "kv_cache_memory", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
@@ -148,7 +153,7 @@ def serve_minimind(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      cors_origins=args.cors_origins, max_body_bytes=args.max_body_bytes,
-                     tool_grammar=args.tool_grammar)
+                     max_tokens_overflow=args.max_tokens_overflow, tool_grammar=args.tool_grammar)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     adapters = "".join(f"  lora={name!r}" for name in engine.lora_names)
     print(f"MiniMind OpenAI-compatible server: http://{shown_host}:{args.port}/v1  "

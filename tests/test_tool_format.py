@@ -11,6 +11,8 @@ from transformers import AutoTokenizer
 
 from minimind_course.client.history import message_text
 from minimind_course.model.loading import BUNDLED_MODEL_DIR
+from minimind_course.serving.endpoints.chat_completions import to_internal
+from minimind_course.serving.internal import InternalRequest
 from minimind_course.serving.protocol import ChatCompletionRequest
 from minimind_course.serving.structured_output import (
     GrammarError,
@@ -186,8 +188,9 @@ def test_trigger_as_one_upstream_token(structured, tokenizer):
     assert allowed and all(text.startswith("\n") or "\n".startswith(text) for text in allowed)
 
 
-def body(**fields) -> ChatCompletionRequest:
-    return ChatCompletionRequest(messages=[{"role": "user", "content": "东京天气？"}], **fields)
+def body(**fields) -> InternalRequest:
+    """A chat request as the grammar code sees it: the endpoint's neutral request."""
+    return to_internal(ChatCompletionRequest(messages=[{"role": "user", "content": "东京天气？"}], **fields), {})
 
 
 def test_request_grammar_per_tool_choice(accepts):

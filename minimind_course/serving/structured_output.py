@@ -27,6 +27,7 @@ import torch
 import xgrammar as xgr
 from xgrammar import structural_tag as st
 
+from minimind_course.serving.internal import InternalRequest
 from minimind_course.serving.reasoning import THINK_END
 from minimind_course.tool_format import CALL_SEPARATOR, CALL_START, CALL_TAIL, call_head
 
@@ -75,12 +76,13 @@ class StructuredOutput:
                                                   stop_token_ids=sorted(stop_token_ids))
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
 
-    def factory(self, grammar: xgr.Grammar) -> ConstraintFactory:
-        """Compile once; the returned callable makes a fresh constraint for each sequence (each of ``n`` choices)."""
+    def factory(self, grammar: xgr.Grammar, param: str = "response_format") -> ConstraintFactory:
+        """Compile once; the returned callable makes a fresh constraint for each sequence (each of ``n`` choices).
+        ``param``: the request field a grammar that cannot compile is blamed on."""
         try:
             compiled = self.compiler.compile_grammar(grammar)
         except (RuntimeError, ValueError) as err:
-            raise GrammarError("response_format", f"the grammar cannot be compiled: {_first_line(err)}") from None
+            raise GrammarError(param, f"the grammar cannot be compiled: {_first_line(err)}") from None
         return lambda: GrammarConstraint(compiled, self.vocab_size)
 
 
@@ -146,30 +148,30 @@ def lazy_tool_grammar(tools: list[dict[str, Any]], parallel: bool) -> xgr.Gramma
     return _grammar(_lazy_calls(list(enumerate(tools)), parallel))
 
 
-def _lazy(body, tool_grammar: str) -> bool:
+def _lazy(req: InternalRequest, tool_grammar: str) -> bool:
     """Whether the lazy tool grammar applies: it is on and the model is shown tools (``tool_choice`` not none)."""
-    return tool_grammar == "lazy" and bool(body.active_tools())
+    return tool_grammar == "lazy" and bool(req.active_tools())
 
 
-def needs_grammar(body, tool_grammar: str = "lazy") -> bool:
-    """Whether a chat request is decoded under a grammar: forced tools, JSON output, or auto tools with the lazy
+def needs_grammar(req: InternalRequest, tool_grammar: str = "lazy") -> bool:
+    """Whether a request is decoded under a grammar: forced tools, an output schema, or auto tools with the lazy
     tool grammar on."""
-    return _lazy(body, tool_grammar) or bool(body.forced_tools()) or body.json_format() is not None
+    return _lazy(req, tool_grammar) or bool(req.forced_tools()) or req.output_schema is not None
 
 
-def request_grammar(body, thinking: bool, tool_grammar: str = "lazy") -> xgr.Grammar | None:
-    """The grammar a chat request asks for, or None for free text. Forced tools: calls only; auto with the lazy
-    grammar: free text or calls (with a JSON ``response_format``: calls or that JSON); else JSON output."""
-    if not needs_grammar(body, tool_grammar):
+def request_grammar(req: InternalRequest, thinking: bool, tool_grammar: str = "lazy") -> xgr.Grammar | None:
+    """The grammar a request asks for, or None for free text; it reads only the neutral request's fields, so every
+    protocol gets the same grammars. Forced tools: calls only; auto with the lazy grammar: free text or calls (with
+    an output schema: calls or that JSON); else the output schema."""
+    if not needs_grammar(req, tool_grammar):
         return None
-    indexed = list(enumerate(tool.model_dump(exclude_none=True) for tool in body.tools or []))
-    if forced := {tool.function.name for tool in body.forced_tools()}:
-        return _grammar(_calls_only([(i, t) for i, t in indexed if t["function"]["name"] in forced],
-                                    parallel=body.tool_choice == "required" and body.parallel_tool_calls), thinking)
-    if (schema := body.json_format()) is not None:
-        spec = getattr(body.response_format, "json_schema", None)
-        piece: st.Format = _compact_json(schema, "response_format", strict=spec is not None)
-        if not _lazy(body, tool_grammar):
-            return _grammar(piece, thinking, "response_format")
-        return _grammar(st.OrFormat(elements=[_calls_only(indexed, body.parallel_tool_calls), piece]), thinking)
-    return _grammar(_lazy_calls(indexed, body.parallel_tool_calls), thinking)
+    indexed = list(enumerate(req.tools))
+    if forced := req.forced_tools():
+        return _grammar(_calls_only(forced, parallel=req.tool_choice == "required" and req.parallel_tool_calls),
+                        thinking)
+    if req.output_schema is not None:
+        piece: st.Format = _compact_json(req.output_schema, req.names.output_schema, strict=req.schema_strict)
+        if not _lazy(req, tool_grammar):
+            return _grammar(piece, thinking, req.names.output_schema)
+        return _grammar(st.OrFormat(elements=[_calls_only(indexed, req.parallel_tool_calls), piece]), thinking)
+    return _grammar(_lazy_calls(indexed, req.parallel_tool_calls), thinking)
