@@ -213,3 +213,24 @@ def test_sse_frames_data_lines_and_named_events():
     assert sse('{"a": 1}') == 'data: {"a": 1}\n\n'
     assert sse('{"a": 1}', event="response.created") == 'event: response.created\ndata: {"a": 1}\n\n'
     assert sse("第一行\n第二行") == "data: 第一行\ndata: 第二行\n\n"  # a newline in data splits into data lines
+
+
+def test_logit_bias_bans_and_forces_tokens_over_http(client, engine):
+    """OpenAI's logit_bias (string token ids) changes the greedy answer; min_p is honoured; bad values are 400s."""
+    ask = {"model": "minimind", "messages": CHINESE, "max_tokens": 4, "temperature": 0}
+    plain = client.chat.completions.create(**ask, logprobs=True)
+    first = plain.choices[0].logprobs.content[0].token
+    answer_ids = set(engine.encode(plain.choices[0].message.content))  # the greedy first token is among them
+    banned = client.chat.completions.create(**ask, logprobs=True,
+                                            logit_bias={str(token): -100 for token in answer_ids})
+    assert banned.choices[0].logprobs.content[0].token != first
+    forced_id = engine.encode("好")[0]
+    forced = client.chat.completions.create(**{**ask, "max_tokens": 3}, logit_bias={str(forced_id): 100})
+    assert forced.choices[0].message.content.startswith(engine.tokenizer.decode([forced_id]))
+    sampled = client.chat.completions.create(**ask, extra_body={"min_p": 1.0, "temperature": 1.0, "seed": 7})
+    assert sampled.choices[0].message.content == plain.choices[0].message.content  # min_p 1: only the top token
+    for bad, param in (({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"1": 101}}, "logit_bias"),
+                       ({"logit_bias": {str(10**9): 1}}, "logit_bias"), ({"min_p": 1.5}, "min_p")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**ask, extra_body=bad)
+        assert param in (err.value.body.get("param") or "") + err.value.message

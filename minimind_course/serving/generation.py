@@ -128,6 +128,9 @@ class Generation:
         max_tokens = self.budget(req, len(prompt_ids))
         constraint = await self.constraint(req, thinking)
         params = dataclasses.replace(req.sampling, max_tokens=max_tokens)
+        vocab = len(self.engine.tokenizer)
+        if any(token >= vocab for token in params.logit_bias):
+            raise OpenAIError(400, f"logit_bias: token ids must be in [0, {vocab})", "logit_bias")
         lora = model if model in self.adapters else None
         try:
             handle = self.engine.submit(prompt_ids, params, request_id, constraint=constraint, lora=lora)

@@ -204,9 +204,19 @@ class _SamplingRequest(_Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, ge=0.01, le=2.0)  # below 0.01 sampled logits overflow
     ignore_eos: bool = False  # vLLM extra: generate max_tokens tokens even past end-of-sequence
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id -> bias
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM extra (Open WebUI sends it)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        bad = [key for key in bias or {} if not key.isdigit()]
+        if bad:
+            raise ValueError(f"keys must be token ids (non-negative integers as strings), not {bad[0]!r}")
+        return bias
 
     @property
     def include_usage(self) -> bool:
@@ -237,6 +247,8 @@ class _SamplingRequest(_Request):
             seed=self.seed,
             ignore_eos=self.ignore_eos,
             logprobs=self.logprobs_wanted(),
+            logit_bias={int(token): float(bias) for token, bias in (self.logit_bias or {}).items()},
+            min_p=self.min_p,
         )
 
     def logprobs_wanted(self) -> int | None:
