@@ -56,8 +56,8 @@ def to_internal(body: ResponsesRequest, messages: list[dict[str, Any]], defaults
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request, generation: Generation = Depends(get_generation),
                           store: ResponseStore = Depends(get_store)) -> Response:
-    history = store.get(body.previous_response_id, "previous_response_id").messages if body.previous_response_id \
-        else []
+    previous = body.previous_response_id
+    history = store.get(previous, "previous_response_id").messages if previous is not None else []
     messages, kept = chat_messages(body, history)
     req = to_internal(body, messages, generation.engine.sampling_defaults)
     response = new_response(body, generation.check_model(req.model))
