@@ -5,6 +5,7 @@ numbers, function calls and their outputs, structured output, the bounded store,
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import jsonschema
@@ -284,6 +285,7 @@ def test_the_store_is_bounded(engine):
     ({"input": "hi", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ({"input": "hi", "reasoning": {"effort": "high"}}, "reasoning.effort"),  # the bundled template cannot think
     ({"input": "hi", "top_logprobs": 5}, "top_logprobs"),
+    ({"input": "hi", "reasoning": {"context": "all_turns"}}, "reasoning.context"),
 ])
 def test_bad_requests_are_400_naming_the_field(base_url, fields, param):
     error = bad_request(base_url, fields)
@@ -297,3 +299,30 @@ def test_fields_the_sdk_knows_are_honoured_or_refused(client):
                                        reasoning={"effort": "none"}, user="learner-1", parallel_tool_calls=False)
     assert response.metadata == {"lesson": "08"} and response.user == "learner-1"
     assert client.responses.retrieve(response.id).metadata == {"lesson": "08"}
+
+
+def test_a_client_that_hangs_up_stops_its_generation(engine):
+    """The shared path's disconnect handling: streamed or not, the engine stops a Responses request whose client
+    is gone, and nothing is stored for it."""
+    endless = ScriptedLM(byte_tokens(engine.tokenizer, "好"), len(engine.tokenizer), step_delay=0.01)
+    slow = Engine(endless, engine.tokenizer, max_num_batched_tokens=4096)
+    app = create_app(slow)
+    body = {"input": "写一首很长的诗。", "max_output_tokens": 3000}
+    try:
+        with BackgroundServer(app) as server:
+            url = server.base_url + "/v1/responses"
+            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and '"response.output_text.delta"' in line:
+                        break  # hang up after the first delta
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json=body, timeout=0.5)
+            for _ in range(500):
+                if len(slow.traces()) == 2:
+                    break
+                time.sleep(0.01)
+    finally:
+        slow.close()
+    assert [trace.outcome for trace in slow.traces()] == ["cancelled", "cancelled"]
+    assert all(trace.completion_tokens < 3000 for trace in slow.traces())
+    assert len(app.state.response_store) == 0

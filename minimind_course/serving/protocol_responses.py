@@ -182,6 +182,8 @@ class Reasoning(_Request):
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
+    context: Literal["auto", "current_turn"] | None = None  # earlier turns' reasoning is never shown to the model
+    mode: Literal["standard"] | None = None
 
 
 class StreamOptions(_Request):
