@@ -237,6 +237,9 @@ def test_unknown_ids_are_404_in_openais_shape(client, base_url):
     with pytest.raises(openai.NotFoundError) as err:
         client.responses.create(model=MODEL, input="hi", previous_response_id="resp_nothing")
     assert err.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model="no-such-model", input="hi")
+    assert err.value.body["param"] == "model"
     raw = httpx.delete(base_url + "/responses/resp_nothing", timeout=10)
     assert raw.status_code == 404 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
 
