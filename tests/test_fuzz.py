@@ -801,7 +801,8 @@ def test_server_is_unharmed_by_hostile_requests(fuzz, base_url, engine):
     url = base_url + "/chat/completions"
     hostile = [b"", b"{", b"[]", b'"x"', b'{"messages": 1}', b'{"messages": [{"role": "x", "content": "y"}]}',
                b'{"messages": [], "max_tokens": -1}', b'{"temperature": NaN}', b"\xff\xfe{}",
-               json_bytes({"messages": CHINESE, "max_tokens": 0})]  # 10**12 is clamped now: a valid request
+               json_bytes({"messages": [{"role": "user", "content": "你好 " * engine.max_model_len}],
+                           "max_tokens": 10**12})]  # a prompt beyond the context: 400 (max_tokens alone is clamped)
     responses = [b'{"input": 1}', b'{"input": [{"type": "computer_call"}]}', b'{"input": "x", "tools": [{}]}',
                  json_bytes({"input": [{"type": "function_call_output", "call_id": "x", "output": "y"}]}),
                  json_bytes({"input": "x", "previous_response_id": "resp_gone"}), b'{"input": "x", "top_p": NaN}']
