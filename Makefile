@@ -48,11 +48,12 @@ SERVE_TESTS := tests/test_server.py tests/test_protocol.py tests/test_conformanc
 	tests/test_tools_server.py tests/test_structured_output.py tests/test_tool_parser.py tests/test_tool_format.py \
 	tests/test_reasoning.py tests/test_security_defaults.py tests/test_serve_cli.py tests/test_engine.py \
 	tests/test_sampling.py tests/test_stop_strings.py tests/test_detokenize.py tests/test_client.py tests/test_client_tools.py \
-	tests/test_history.py tests/test_chat_cli.py tests/test_widget.py
+	tests/test_history.py tests/test_chat_cli.py tests/test_widget.py tests/test_responses_api.py \
+	tests/test_agents_sdk.py
 $(SERVE_VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/python -m pip install "$(TORCH)"
-	$(SERVE_VENV)/bin/python -m pip install -e ".[test]"
+	$(SERVE_VENV)/bin/python -m pip install -e ".[test,agents]"
 	touch $@
 
 test-serve-env: $(SERVE_VENV)/.stamp

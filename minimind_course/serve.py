@@ -14,6 +14,7 @@ import sys
 
 from minimind_course.engine.config import MIB, EngineConfig
 from minimind_course.launch import bind_socket
+from minimind_course.serving.response_store import DEFAULT_MAX_ENTRIES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens-overflow", default="clamp", choices=("clamp", "error"),
                         help="a max_tokens beyond what the context leaves: clamp it (finish_reason length, as "
                              "llama.cpp) or refuse it with a 400 (as vLLM)")
+    parser.add_argument("--max-stored-responses", type=int, default=DEFAULT_MAX_ENTRIES,
+                        help="Responses API answers kept in memory for previous_response_id and GET "
+                             "/v1/responses/{id}; the least recently used are forgotten first")
     parser.add_argument("--max-queue", type=int, default=EngineConfig.max_queue,
                         help="requests that may wait for a seat in the running batch; more get HTTP 429")
     parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
@@ -94,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.cors_origins is not None:
         args.cors_origins = [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()]
     args.lora = parse_lora(parser, args.lora, args.served_model_name)
-    for flag in ("max_num_seqs", "kv_cache_memory", "max_num_batched_tokens"):
+    for flag in ("max_num_seqs", "kv_cache_memory", "max_num_batched_tokens", "max_stored_responses"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
@@ -153,7 +157,8 @@ def serve_minimind(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      cors_origins=args.cors_origins, max_body_bytes=args.max_body_bytes,
-                     max_tokens_overflow=args.max_tokens_overflow, tool_grammar=args.tool_grammar)
+                     max_tokens_overflow=args.max_tokens_overflow, tool_grammar=args.tool_grammar,
+                     max_stored_responses=args.max_stored_responses)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     adapters = "".join(f"  lora={name!r}" for name in engine.lora_names)
     print(f"MiniMind OpenAI-compatible server: http://{shown_host}:{args.port}/v1  "

@@ -88,7 +88,7 @@ def serve_env_tests() -> list[Path]:
 
 
 def test_the_serve_env_tests_need_only_the_base_install_and_the_test_extra():
-    """`make test-serve-env` installs ``.[test]`` alone: a listed test file (or a test helper it imports) that
+    """`make test-serve-env` installs ``.[test,agents]``: a listed test file (or a test helper it imports) that
     needs vLLM, LangChain or JupyterLab would fail there, and a renamed file would silently drop out."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     allowed = {normalise(s)[0] for s in project["dependencies"] + project["optional-dependencies"]["test"]}

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response
 
 from minimind_course.launch import BackgroundServer
 from minimind_course.serving.protocol import INT64, MAX_N, MAX_TOP_LOGPROBS
@@ -683,6 +684,118 @@ def test_found_by_fuzzing_tiny_temperatures_are_greedy_not_500(fuzz, base_url):
 
 
 # ---- afterwards ----------------------------------------------------------------------------------------------------
+# ---- /v1/responses: hostile items, broken item order, huge instructions, unknown ids, cut streams (issue 25) -------
+RESPONSES_OK = {"max_output_tokens": 2, "temperature": 0}
+BAD_ITEM_TYPES = st.sampled_from(["computer_call", "web_search_call", "file_search_call", "image_generation_call",
+                                  "mcp_call", "item_reference", "custom_tool_call", "local_shell_call"]) | TEXT.filter(
+    lambda t: t not in {"message", "function_call", "function_call_output", "reasoning"})
+HOSTILE_ITEMS = st.one_of(  # one item the server must refuse, naming input.N...
+    st.builds(lambda t, extra: {"type": t, **extra}, BAD_ITEM_TYPES, st.dictionaries(TEXT, SCALARS, max_size=2)),
+    NOT_OBJECT,  # not an object at all
+    st.builds(lambda r, c: {"role": r, "content": c},
+              TEXT.filter(lambda r: r not in {"user", "system", "developer", "assistant"}), TEXT),
+    st.builds(lambda c: {"role": "user", "content": c}, NOT_STR.filter(lambda c: not isinstance(c, list))
+              | st.lists(st.dictionaries(TEXT, SCALARS, max_size=2), min_size=1, max_size=2)),
+    st.builds(lambda kind: {"role": "user", "content": [{"type": kind, "image_url": "http://x", "file_id": "f"}]},
+              st.sampled_from(["input_image", "input_file", "input_audio"])),
+    st.builds(lambda extra: {"type": "function_call", **extra},
+              st.fixed_dictionaries({}, optional={"call_id": NOT_STR, "name": BAD_NAMES, "arguments": NOT_STR})),
+    st.builds(lambda a: {"type": "function_call", "call_id": "c", "name": "f", "arguments": a},
+              TEXT.filter(lambda a: not is_json(a.encode()))),
+    st.builds(lambda o: {"type": "function_call_output", "call_id": "c", "output": o},
+              NOT_STR.filter(lambda o: not isinstance(o, list))),
+)
+
+
+@fuzz_settings(250)
+@given(item=HOSTILE_ITEMS, position=st.integers(0, 2), stream=st.booleans())
+def test_hostile_responses_items_are_400_naming_the_item(fuzz, base_url, item, position, stream):
+    good = [{"role": "user", "content": "你好"}, {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
+    items = good[:position] + [item] + good[position:]
+    body = {"input": items, "stream": stream, **RESPONSES_OK}
+    error = assert_error(fuzz.post("responses_items", base_url + "/responses", json_bytes(body)), 400, "input")
+    assert error["param"].startswith(f"input.{position}"), error
+
+
+@fuzz_settings(80)
+@given(answered=TEXT, called=st.lists(TEXT.filter(bool), max_size=2), output_first=st.booleans())
+def test_broken_item_order_is_400_naming_the_output(fuzz, base_url, answered, called, output_first):
+    assume(answered not in called or output_first)
+    calls = [{"type": "function_call", "call_id": c, "name": "f", "arguments": "{}"} for c in called]
+    output = {"type": "function_call_output", "call_id": answered, "output": "1"}
+    items = [{"role": "user", "content": "hi"}] + ([output] + calls if output_first else calls + [output])
+    where = 1 if output_first else 1 + len(calls)
+    body = {"input": items, **RESPONSES_OK}
+    error = assert_error(fuzz.post("responses_order", base_url + "/responses", json_bytes(body)), 400, "input")
+    assert error["param"] in (f"input.{where}.call_id", f"input.{where}"), error
+
+
+@fuzz_settings(40)
+@given(piece=CJK_TEXT.filter(bool), repeat=st.integers(1, 3000))
+def test_huge_instructions_are_400_unless_they_fit(fuzz, base_url, engine, piece, repeat):
+    instructions = piece * repeat
+    body = {"input": "hi", "instructions": instructions, **RESPONSES_OK}
+    prompt = engine.chat_prompt([{"role": "system", "content": instructions}, {"role": "user", "content": "hi"}])
+    response = fuzz.post("responses_instructions", base_url + "/responses", json_bytes(body))
+    if len(engine.encode(prompt)) < engine.max_model_len:
+        assert response.status_code == 200, response.text[:300]
+        Response.model_validate(response.json())
+    else:
+        assert_error(response, 400, "input")
+
+
+@fuzz_settings(60)
+@given(response_id=TEXT | st.builds(lambda h: "resp_" + h, st.text("0123456789abcdef", min_size=32, max_size=32)),
+       stream=st.booleans())
+def test_unknown_previous_response_ids_are_404(fuzz, base_url, response_id, stream):
+    body = {"input": "hi", "previous_response_id": response_id, "stream": stream, **RESPONSES_OK}
+    assert_error(fuzz.post("responses_unknown_id", base_url + "/responses", json_bytes(body)), 404,
+                 "previous_response_id")
+
+
+RESPONSES_WRONG_TYPES = {
+    "input": st.integers() | st.booleans() | st.dictionaries(TEXT, SCALARS, max_size=2),
+    "instructions": NOT_STR, "tools": NOT_OBJECT.filter(lambda v: not isinstance(v, list)),
+    "text": NOT_OBJECT, "max_output_tokens": NOT_INT | st.integers(max_value=0), "temperature": NOT_NUMBER,
+    "top_p": NOT_NUMBER, "store": NOT_BOOL, "stream": NOT_BOOL, "parallel_tool_calls": NOT_BOOL,
+    "metadata": NOT_OBJECT, "include": NOT_OBJECT.filter(lambda v: not isinstance(v, list)) | st.lists(
+        TEXT.filter(lambda t: t != "reasoning.encrypted_content"), min_size=1, max_size=2),
+    "reasoning": NOT_OBJECT, "previous_response_id": NOT_STR, "conversation": SCALARS.filter(bool),
+    "background": st.just(True), "truncation": TEXT.filter(lambda t: t != "disabled"),
+}
+
+
+@fuzz_settings(100)
+@given(data=st.data(), name=st.sampled_from(sorted(RESPONSES_WRONG_TYPES)))
+def test_wrong_responses_fields_are_400_naming_the_field(fuzz, base_url, data, name):
+    value = data.draw(RESPONSES_WRONG_TYPES[name])
+    body = {"input": "hi", **RESPONSES_OK, name: value}
+    assert_error(fuzz.post("responses_types", base_url + "/responses", json_bytes(body)), 400, name)
+
+
+@fuzz_settings(30)
+@given(keep=st.integers(0, 400))
+def test_streams_cut_mid_way_leave_the_server_serving(fuzz, base_url, keep):
+    body = {"input": "请介绍一下你自己。", "stream": True, "max_output_tokens": 40, "temperature": 0}
+    with fuzz.client.stream("POST", base_url + "/responses", json=body) as response:
+        assert response.status_code == 200
+        for _ in response.iter_bytes():
+            if response.num_bytes_downloaded >= keep:
+                break  # hang up mid-stream
+    fuzz.requests["responses_cut"] += 1
+    fuzz.statuses[200] += 1
+
+
+def test_the_response_store_stays_bounded(engine):
+    app = create_app(engine, max_stored_responses=4)
+    with BackgroundServer(app) as running, httpx.Client(timeout=60) as client:
+        url = running.base_url + "/v1/responses"
+        ids = [client.post(url, json={"input": f"第{i}个", **RESPONSES_OK}).json()["id"] for i in range(12)]
+        store = app.state.response_store
+        assert len(store) == 4 and store.bytes <= store.max_bytes
+        assert [client.get(f"{url}/{i}").status_code for i in ids] == [404] * 8 + [200] * 4
+
+
 def test_server_is_unharmed_by_hostile_requests(fuzz, base_url, engine):
     """A burst of hostile requests of every kind, then: the engine idle and the same greedy answer as before."""
     url = base_url + "/chat/completions"
@@ -690,8 +803,13 @@ def test_server_is_unharmed_by_hostile_requests(fuzz, base_url, engine):
                b'{"messages": [], "max_tokens": -1}', b'{"temperature": NaN}', b"\xff\xfe{}",
                json_bytes({"messages": [{"role": "user", "content": "你好 " * engine.max_model_len}],
                            "max_tokens": 10**12})]  # a prompt beyond the context: 400 (max_tokens alone is clamped)
+    responses = [b'{"input": 1}', b'{"input": [{"type": "computer_call"}]}', b'{"input": "x", "tools": [{}]}',
+                 json_bytes({"input": [{"type": "function_call_output", "call_id": "x", "output": "y"}]}),
+                 json_bytes({"input": "x", "previous_response_id": "resp_gone"}), b'{"input": "x", "top_p": NaN}']
     for raw in hostile * 10:
         assert 400 <= fuzz.post("burst", url, raw).status_code < 500
+    for raw in responses * 10:
+        assert 400 <= fuzz.post("burst", base_url + "/responses", raw).status_code < 500
     assert engine.active is None and engine.queued == 0
     assert fuzz.client.get(base_url.removesuffix("/v1") + "/health").json()["status"] == "ok"
     assert greedy_answer(fuzz.client, base_url) == fuzz.reference
