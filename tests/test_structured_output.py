@@ -153,3 +153,32 @@ def test_a_schema_xgrammar_cannot_compile_is_a_grammar_error(engine, fields, par
     with pytest.raises(GrammarError) as err:
         request_grammar(to_internal(ChatCompletionRequest(messages=USER, **fields), {}), False)
     assert err.value.param == param
+
+
+@pytest.mark.parametrize("schema,where", [
+    ({"not": {"type": "string"}}, "`not` (at /)"),
+    ({"type": "object", "properties": {"城市": {"type": "string", "not": {"const": "北京"}}}}, "at /properties/城市"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "if": {}, "then": {"required": ["b"]}}, "`if`"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "`uniqueItems`"),
+    ({"type": "object", "dependentRequired": {"a": ["b"]}}, "`dependentRequired`"),
+    ({"allOf": [{"type": "integer"}, {"minimum": 5}]}, "`allOf`"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"else": {}}}}, "/$defs/A"),
+])
+@pytest.mark.parametrize("where_in", ["response_format", "tools.0.function.parameters"])
+def test_schema_keywords_the_grammar_would_ignore_are_refused(schema, where, where_in):
+    """xgrammar compiles these and silently does not enforce them: refusing is honest, a broken answer is not."""
+    if where_in == "response_format":
+        fields = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    else:
+        fields = {"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+                  "tool_choice": "required"}
+    with pytest.raises(GrammarError) as err:
+        request_grammar(to_internal(ChatCompletionRequest(messages=USER, **fields), {}), False)
+    assert err.value.param == where_in and where in str(err.value)
+
+
+def test_keyword_names_used_as_property_names_are_fine():
+    schema = {"type": "object", "properties": {"not": {"type": "string"}, "if": {"type": "integer"}},
+              "required": ["not"], "allOf": [{"required": ["if"]}]}
+    fields = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    assert request_grammar(to_internal(ChatCompletionRequest(messages=USER, **fields), {}), False) is not None

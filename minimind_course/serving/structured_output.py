@@ -91,8 +91,39 @@ def _first_line(err: Exception) -> str:
     return re.sub(r"^\[[\d:]+\] \S+: ", "", text)  # drop xgrammar's "[time] file.cc:line: " prefix
 
 
+UNENFORCED = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas")  # xgrammar ignores these
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def unenforced_keyword(schema: Any, path: str = "") -> str | None:
+    """Where ``schema`` uses a keyword the grammar would silently not enforce (``path/keyword``), else None."""
+    if not isinstance(schema, dict):
+        return None
+    found = next((key for key in UNENFORCED if key in schema), None)
+    if found is None and schema.get("uniqueItems") is True:
+        found = "uniqueItems"
+    if found is None and len(schema.get("allOf") or []) > 1:
+        found = "allOf"  # of several schemas: xgrammar keeps only one of them
+    if found is not None:
+        return f"{path}/{found}"
+    children = [(f"{path}/{key}/{name}", sub) for key in SUBSCHEMA_MAPS
+                for name, sub in (schema.get(key) or {}).items() if isinstance(schema.get(key), dict)]
+    children += [(f"{path}/{key}/{i}", sub) for key in SUBSCHEMA_LISTS
+                 for i, sub in enumerate(schema.get(key) or []) if isinstance(schema.get(key), list)]
+    children += [(f"{path}/{key}", schema[key]) for key in ("items", "additionalProperties", "contains",
+                                                            "propertyNames", "unevaluatedProperties") if key in schema]
+    return next((hit for sub_path, sub in children if (hit := unenforced_keyword(sub, sub_path))), None)
+
+
 def json_grammar(schema: dict[str, Any], param: str, strict: bool = True) -> xgr.Grammar:
-    """One JSON value following ``schema``, written compactly (no free whitespace)."""
+    """One JSON value following ``schema``, written compactly (no free whitespace); a schema keyword the grammar
+    cannot enforce is a 400 rather than a promise the answer might break."""
+    where = unenforced_keyword(schema)
+    if where is not None:
+        raise GrammarError(param, f"{param}: `{where.rsplit('/', 1)[1]}` (at {where.rsplit('/', 1)[0] or '/'}) is not "
+                                  "enforced by the grammar engine (xgrammar), so the answer could break it: remove it "
+                                  "or express the rule with the supported keywords")
     try:
         return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=strict)
     except (RuntimeError, ValueError) as err:
