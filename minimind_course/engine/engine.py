@@ -95,12 +95,14 @@ class ChoiceDelta:
     """New text of one choice in one step; ``finish_reason`` is set on its last delta ("stop" or "length").
 
     ``logprobs`` holds the tokens generated in this step when the request asked for them; their text may
-    still be held back (an incomplete character, a possible stop string) and arrive in a later delta."""
+    still be held back (an incomplete character, a possible stop string) and arrive in a later delta.
+    ``stop_string`` is the stop string that ended the choice (None for end-of-sequence, length or a grammar)."""
 
     index: int
     text: str
     finish_reason: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    stop_string: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,13 +135,15 @@ def merge_steps(steps: list[StepOutput]) -> StepOutput:
     texts: dict[int, str] = {}
     reasons: dict[int, str | None] = {}
     logprobs: dict[int, tuple[TokenLogprob, ...]] = {}
+    stops: dict[int, str | None] = {}
     for step in steps:
         for delta in step.choices:
             texts[delta.index] = texts.get(delta.index, "") + delta.text
             reasons[delta.index] = delta.finish_reason or reasons.get(delta.index)
             logprobs[delta.index] = logprobs.get(delta.index, ()) + delta.logprobs
+            stops[delta.index] = delta.stop_string or stops.get(delta.index)
     last = steps[-1]
-    merged = [ChoiceDelta(i, texts[i], reasons[i], logprobs[i]) for i in texts]
+    merged = [ChoiceDelta(i, texts[i], reasons[i], logprobs[i], stops[i]) for i in texts]
     return StepOutput(merged, last.prompt_tokens, last.completion_tokens, last.finished)
 
 
@@ -152,6 +156,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per choice, when requested
+    stop_strings: list[str | None] = field(default_factory=list)  # per choice: the stop string that ended it
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,7 @@ class GenerationHandle:
         texts = [""] * self.params.n
         reasons = [""] * self.params.n
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.params.n)]
+        stops: list[str | None] = [None] * self.params.n
         step = None
         async for step in self:
             for delta in step.choices:
@@ -224,7 +230,8 @@ class GenerationHandle:
                 logprobs[delta.index].extend(delta.logprobs)
                 if delta.finish_reason:
                     reasons[delta.index] = delta.finish_reason
-        return GenerationResult(texts, reasons, step.prompt_tokens, step.completion_tokens, logprobs)
+                    stops[delta.index] = delta.stop_string
+        return GenerationResult(texts, reasons, step.prompt_tokens, step.completion_tokens, logprobs, stops)
 
 
 @dataclass(frozen=True)
@@ -597,7 +604,8 @@ class Engine:
             seq.finish_reason = reason
             self.scheduler.remove(seq)  # it leaves the batch now and its blocks are free for others
         if text or reason or logprob:
-            return ChoiceDelta(seq.index, text, reason, (logprob,) if logprob else ())
+            stop_string = seq.matcher.matched if reason == "stop" else None
+            return ChoiceDelta(seq.index, text, reason, (logprob,) if logprob else (), stop_string)
         return None
 
     def _end(self, request: Request, outcome: str, error: BaseException | None = None) -> None:
