@@ -10,13 +10,12 @@ fields (Anthropic's own API answers "Extra inputs are not permitted"), and block
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from minimind_course.engine.sampling import SamplingParams
-from minimind_course.serving.protocol import SAMPLING_EPS, ParamError, Schema, Text
+from minimind_course.serving.protocol import SAMPLING_EPS, OpenAIError, ParamError, Schema, Text
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
@@ -240,19 +239,6 @@ class OutputConfig(_Strict):
     format: JsonOutputFormat | None = None
 
 
-@dataclass
-class ChatForm:
-    """A Messages request in the neutral, chat-style form the template, grammar and engine take."""
-
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]]  # what the model is shown (none with tool_choice "none")
-    forced: list[dict[str, Any]]  # the tools the answer must call (any: all of them; tool: that one)
-    parallel: bool  # whether more than one call is allowed
-    json_schema: dict[str, Any] | None = None
-    prefill: str = ""  # a final assistant turn the answer continues
-    template_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
 class CountTokensRequest(_Strict):
     """Body of ``POST /v1/messages/count_tokens``: what a Messages request puts into the prompt."""
 
@@ -323,18 +309,16 @@ class CountTokensRequest(_Strict):
         """Whether the answer may hold more than one call (Anthropic's default: yes)."""
         return not getattr(self.tool_choice, "disable_parallel_tool_use", False)
 
-    def to_chat(self, thinking_switch: str | None) -> ChatForm:
-        """The neutral form; ``thinking_switch`` is the template's variable that turns reasoning on (None: no such
-        template, and then ``thinking`` enabled or adaptive is a 400)."""
+    def template_messages(self) -> tuple[list[dict[str, Any]], str]:
+        """The chat template's messages, and the prefill: the text of a final assistant turn, which the answer
+        continues (Anthropic's rule). Tool results become ``tool`` messages, tool_use blocks ``tool_calls``, and
+        consecutive turns of one role one turn; thinking blocks of earlier turns are left out, as Anthropic does."""
         messages: list[dict[str, Any]] = []
         system = "\n".join(block.text for block in self.system or [])
         if system:
             messages.append({"role": "system", "content": system})
         history, prefill = self.messages, ""
-        if history[-1].role == "assistant":  # prefill: the answer continues this text
-            if history[-1].tool_uses():
-                raise ParamError(f"messages.{len(history) - 1}.content",
-                                 "the final assistant message cannot hold tool_use blocks: send their tool_result")
+        if history[-1].role == "assistant":
             history, prefill = history[:-1], history[-1].text()
         for message in history:
             for result in message.tool_results():  # results first: they answer the previous turn
@@ -347,25 +331,30 @@ class CountTokensRequest(_Strict):
                 turn["tool_calls"] = [{"id": call.id, "type": "function", "function": {
                     "name": call.name, "arguments": json.dumps(call.input, ensure_ascii=False)}} for call in calls]
             last = messages[-1] if messages else None
-            if last and last["role"] == turn["role"] != "tool" and not last.get("tool_calls") and not calls:
-                last["content"] += "\n\n" + text  # consecutive turns of one role are one turn (Anthropic's rule)
+            if last and last["role"] == message.role and not last.get("tool_calls") and not calls:
+                last["content"] += "\n\n" + text
             else:
                 messages.append(turn)
-        shown = [] if isinstance(self.tool_choice, ToolChoiceNone) else [t.for_template() for t in self.tools or []]
-        fmt = self.output_config.format if self.output_config else None
-        return ChatForm(messages, shown, [t.for_template() for t in self.forced_tools()], self.parallel(),
-                        fmt.schema_ if fmt else None, prefill, self._thinking_kwargs(thinking_switch))
+        return messages, prefill
 
-    def _thinking_kwargs(self, switch: str | None) -> dict[str, Any]:
+    def template_tools(self) -> list[dict[str, Any]]:
+        return [tool.for_template() for tool in self.tools or []]
+
+    def output_schema(self) -> dict[str, Any] | None:
+        fmt = self.output_config.format if self.output_config else None
+        return fmt.schema_ if fmt else None
+
+    def thinking_kwargs(self, switches: list[str]) -> dict[str, Any]:
+        """The chat template's reasoning switches for ``thinking`` (none sent: the template's default); a model
+        whose template cannot think refuses ``enabled`` and ``adaptive``."""
         if self.thinking is None:
-            return {}  # the template's default, as Anthropic leaves it to the model
-        wants = self.thinking.type != "disabled"
-        if switch is None:
-            if wants:
-                raise ParamError("thinking", f"thinking {self.thinking.type}: this model's chat template has no "
-                                             "reasoning switch (it cannot think); leave thinking out or disable it")
             return {}
-        return {switch: wants}
+        wants = self.thinking.type != "disabled"
+        if wants and not switches:
+            raise OpenAIError(400, f"thinking: type `{self.thinking.type}` needs a model that can think, and this "
+                                   "model's chat template has no reasoning switch; leave thinking out or disable it",
+                              "thinking")
+        return {switch: wants for switch in switches}
 
 
 class MessagesRequest(CountTokensRequest):
