@@ -288,7 +288,9 @@ class CountTokensRequest(_Strict):
                 if isinstance(block, ToolResultBlock) and block.tool_use_id not in open_ids:
                     raise ParamError(f"messages.{i}.content.{j}.tool_use_id",
                                      f"messages.{i}.content.{j}: tool_result answers `{block.tool_use_id}`, which is "
-                                     "not a tool_use id of the previous assistant message")
+                                     "not an unanswered tool_use id of the previous assistant message")
+                if isinstance(block, ToolResultBlock):
+                    open_ids.discard(block.tool_use_id)  # each call is answered once
             if calls:
                 answered = ({r.tool_use_id for r in self.messages[i + 1].tool_results()}
                             if i + 1 < len(self.messages) else set())
