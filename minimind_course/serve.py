@@ -37,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="context length in tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: fp32 on CPU)")
-    parser.add_argument("--cors-origins", default="*",
-                        help="comma-separated origins browsers may call from (default: *)")
+    parser.add_argument("--cors-origins", default=None,
+                        help="comma-separated origins browsers may call from, * for any (default: pages on this "
+                             "machine, localhost/127.0.0.1/[::1] on any port, and browser extensions)")
+    parser.add_argument("--max-tokens-overflow", default="clamp", choices=("clamp", "error"),
+                        help="a max_tokens beyond what the context leaves: clamp it (finish_reason length, as "
+                             "llama.cpp) or refuse it with a 400 (as vLLM)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait for a seat in the running batch; more get HTTP 429")
     parser.add_argument("--max-num-seqs", type=int, default=32,
@@ -74,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if vllm_args and args.backend != "vllm":
         parser.error("arguments after -- are passed to vLLM: they need --backend vllm")
     args.vllm_args = vllm_args
-    args.cors_origins = [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()]
+    if args.cors_origins is not None:
+        args.cors_origins = [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()]
     args.lora = parse_lora(parser, args.lora, args.served_model_name)
     for flag in ("max_num_seqs", "kv_cache_memory", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
@@ -133,7 +138,8 @@ def serve_minimind(args: argparse.Namespace) -> int:
         sock.close()
         raise SystemExit(f"error: {err}") from None
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
-                     cors_origins=args.cors_origins, max_body_bytes=args.max_body_bytes)
+                     cors_origins=args.cors_origins, max_body_bytes=args.max_body_bytes,
+                     max_tokens_overflow=args.max_tokens_overflow)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     adapters = "".join(f"  lora={name!r}" for name in engine.lora_names)
     print(f"MiniMind OpenAI-compatible server: http://{shown_host}:{args.port}/v1  "

@@ -274,7 +274,8 @@ def test_context_overflow_is_400_with_the_standard_wording(endpoint):
     with sdk(endpoint) as client:
         context = {m.id: m for m in client.models.list().data}[endpoint.model].max_model_len
         with pytest.raises(openai.BadRequestError) as err:
-            client.chat.completions.create(model=endpoint.model, messages=ENGLISH, max_tokens=context + 10)
+            client.chat.completions.create(model=endpoint.model, max_tokens=4,
+                                           messages=[{"role": "user", "content": "你好 " * context}])
     message = err.value.body["message"] if isinstance(err.value.body, dict) else str(err.value)
     assert f"maximum context length is {context} tokens" in message
     assert "Please reduce the length of the messages or completion" in message

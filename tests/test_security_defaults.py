@@ -14,8 +14,9 @@ def test_the_cli_listens_on_this_machine_only_unless_told_otherwise(monkeypatch)
     monkeypatch.delenv("MINIMIND_API_KEY", raising=False)
     args = parse_args([])
     assert args.host == "127.0.0.1" and args.api_key is None
-    assert (args.max_queue, args.max_body_bytes, args.cors_origins) == (64, DEFAULT_MAX_BODY_BYTES, ["*"])
+    assert (args.max_queue, args.max_body_bytes, args.cors_origins) == (64, DEFAULT_MAX_BODY_BYTES, None)
     assert parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
+    assert parse_args(["--cors-origins", "*"]).cors_origins == ["*"]  # every website: only when asked for
 
 
 def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):

@@ -11,6 +11,7 @@ import torch
 
 from minimind_course.engine.engine import Engine
 from minimind_course.model.loading import load_model
+from minimind_course.serving.endpoints.chat_completions import to_internal
 from minimind_course.serving.protocol import ChatCompletionRequest
 from minimind_course.engine.sampling import SamplingParams
 from minimind_course.serving.structured_output import GrammarError, StructuredOutput, request_grammar
@@ -52,7 +53,7 @@ def generate(engine: Engine, fields: dict, n: int = 3, max_tokens: int = 160, th
     prompt = engine.tokenizer.apply_chat_template(body.template_messages(), tools=body.active_tools() or None,
                                                   tokenize=False, add_generation_prompt=True, **template_kwargs)
     structured = StructuredOutput(engine.tokenizer, engine.model.config.vocab_size, engine.eos_token_ids)
-    factory = structured.factory(request_grammar(body, thinking))
+    factory = structured.factory(request_grammar(to_internal(body, {}), thinking))
     params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, seed=seed, **kwargs)
 
     async def run():
@@ -102,7 +103,7 @@ def test_open_thinking_reasons_first_then_follows_the_grammar(minimind3_engine):
     engine = minimind3_engine
     body = ChatCompletionRequest(messages=USER, **CASES["named"])
     structured = StructuredOutput(engine.tokenizer, engine.model.config.vocab_size, engine.eos_token_ids)
-    constraint = structured.factory(request_grammar(body, thinking=True))()
+    constraint = structured.factory(request_grammar(to_internal(body, {}), thinking=True))()
     text = '先想一想：东京。\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "东京", ' \
            '"unit": "celsius"}}\n</tool_call>'
     for token in engine.encode(text) + [engine.tokenizer.eos_token_id]:
@@ -131,7 +132,7 @@ def test_ignore_eos_still_ends_when_the_grammar_is_complete(engine):
 def test_no_free_whitespace_inside_json(engine):
     structured = StructuredOutput(engine.tokenizer, engine.model.config.vocab_size, engine.eos_token_ids)
     body = ChatCompletionRequest(messages=USER, **CASES["json_object"])
-    constraint = structured.factory(request_grammar(body, False))()
+    constraint = structured.factory(request_grammar(to_internal(body, {}), False))()
     for token in engine.encode('{"a": 1'):
         constraint.accept(token)
     logits = torch.zeros(engine.model.config.vocab_size)
@@ -150,5 +151,5 @@ def test_no_free_whitespace_inside_json(engine):
 ])
 def test_a_schema_xgrammar_cannot_compile_is_a_grammar_error(engine, fields, param):
     with pytest.raises(GrammarError) as err:
-        request_grammar(ChatCompletionRequest(messages=USER, **fields), False)
+        request_grammar(to_internal(ChatCompletionRequest(messages=USER, **fields), {}), False)
     assert err.value.param == param

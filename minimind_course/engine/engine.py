@@ -334,16 +334,19 @@ class Engine:
         messages: list[dict[str, Any]],
         template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
     ) -> str:
         """Render messages (and the tools the model may call) with the tokenizer's chat template, ending with the
-        assistant generation prompt."""
+        assistant generation prompt (unless ``add_generation_prompt`` is False)."""
         template_kwargs = dict(template_kwargs or {})
         clash = sorted(self._template_reserved & template_kwargs.keys())
         if clash:
             raise PromptError(f"chat_template_kwargs may not set {', '.join(clash)}")
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tools=tools or None, tokenize=False, add_generation_prompt=True, **template_kwargs
+                messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt,
+                **template_kwargs
             )
         except Exception as err:  # jinja2 raises TemplateError (e.g. raise_exception in the template)
             raise PromptError(f"the chat template rejected these messages: {err}") from err

@@ -1,14 +1,20 @@
 """Everything between the socket and a route: OpenAI-shaped error handlers and the pure-ASGI middleware
-(API key, body size limit) that lets streaming and disconnect detection pass through untouched.
+(API key, body size limit, CORS) that lets streaming and disconnect detection pass through untouched.
 
 Every error leaves in OpenAI's envelope ``{"error": {...}}``; user mistakes are 4xx, never 500 (the openai SDK
-retries 5xx twice, so a bad request would run the model three times).
+retries 5xx twice, so a bad request would run the model three times). Every 4xx is logged (status, param,
+message) on the ``minimind_course.serving`` logger, so a server log says why a client was refused.
+
+CORS by default as Ollama: pages served from this machine (``localhost``, ``127.0.0.1``, ``[::1]``, any port)
+and browser extensions may call the server; any other website only when ``cors_origins`` names it (``*``: all).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +26,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from minimind_course.serving.protocol import OpenAIError, ParamError, error_body
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # a full 32k-token context of Chinese text is under 200 KB of JSON
+PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")  # what --api-key guards (/health, /metrics stay open)
+LOCAL_ORIGINS = (r"^(https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+                 r"|(chrome-extension|moz-extension|safari-web-extension)://[^/]+)$")  # Ollama's default set
+logger = logging.getLogger("minimind_course.serving")
+
+
+def log_client_error(status: int, message: str, param: str | None = None) -> None:
+    """One log line per refused request (4xx): status, param, message."""
+    if 400 <= status < 500:
+        logger.warning("%d param=%s %s", status, param, message)
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The envelope as a response, logged when it is the client's fault."""
+    log_client_error(status, message, param)
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -27,7 +50,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, err: OpenAIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return error_response(err.status, err.message, err.param)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -37,7 +60,7 @@ def add_error_handlers(app: FastAPI) -> None:
             message = (f"The body must be JSON sent with `Content-Type: application/json` (got "
                        f"{f'`{content_type}`' if content_type else 'no Content-Type'}; with curl add "
                        "-H 'Content-Type: application/json').")
-            return JSONResponse(error_body(415, message), status_code=415)
+            return error_response(415, message)
         problems, param = [], None
         for item in err.errors():
             loc = [str(part) for part in item.get("loc", ()) if part != "body"]
@@ -51,14 +74,13 @@ def add_error_handlers(app: FastAPI) -> None:
             param = param or (cause.param if isinstance(cause, ParamError) else ".".join(loc)) or None
             message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
             problems.append(f"{'.'.join(loc)}: {message}" if loc else message)
-        return JSONResponse(error_body(400, "; ".join(problems) or "invalid request", param), status_code=400)
+        return error_response(400, "; ".join(problems) or "invalid request", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         parse_error = err.status_code == 400 and err.__cause__ is not None  # FastAPI could not read the body
         message = _body_parse_error(err.__cause__) if parse_error else str(err.detail)
-        return JSONResponse(error_body(err.status_code, message), status_code=err.status_code,
-                            headers=getattr(err, "headers", None))
+        return error_response(err.status_code, message, headers=getattr(err, "headers", None))
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, err: Exception) -> JSONResponse:
@@ -82,6 +104,7 @@ def _body_parse_error(cause: BaseException) -> str:
 
 
 async def _send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    log_client_error(status, message)
     body = json.dumps(error_body(status, message)).encode("utf-8")
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -90,14 +113,16 @@ async def _send_error(send: Send, status: int, message: str, headers: dict[str, 
 
 
 class ApiKeyMiddleware:
-    """Require ``Authorization: Bearer <key>`` on /v1 routes (constant-time compare); preflights pass."""
+    """Require ``Authorization: Bearer <key>`` on /v1, /tokenize and /detokenize (constant-time compare);
+    preflights pass. (vLLM guards /v1 only; the tokenizer routes reveal the template and tools, so they are guarded
+    here too.)"""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES) and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 await _send_error(send, 401, "Invalid or missing API key: send `Authorization: Bearer <key>`.",
@@ -145,9 +170,12 @@ class BodySizeLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def add_middleware(app: FastAPI, *, api_key: str | None, max_body_bytes: int, cors_origins: list[str]) -> None:
-    """API key (innermost, only when set), body size limit, then CORS outermost so browsers see its headers."""
+def add_middleware(app: FastAPI, *, api_key: str | None, max_body_bytes: int,
+                   cors_origins: Sequence[str] | None) -> None:
+    """API key (innermost, only when set), body size limit, then CORS outermost so browsers see its headers.
+    ``cors_origins`` None: local pages and browser extensions (``LOCAL_ORIGINS``); else exactly those named."""
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
-    app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    origins = {"allow_origin_regex": LOCAL_ORIGINS} if cors_origins is None else {"allow_origins": list(cors_origins)}
+    app.add_middleware(CORSMiddleware, **origins, allow_methods=["*"], allow_headers=["*"])

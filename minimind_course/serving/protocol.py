@@ -179,6 +179,9 @@ class JsonSchemaFormat(_Request):
 ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat], Field(discriminator="type")]
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]  # OpenAI's values
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
@@ -250,6 +253,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None  # Open WebUI sends it: switches a thinking template on or off
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -343,3 +347,29 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
             return self.prompt[0]
         return self.prompt
+
+
+class TokenizeRequest(_Request):
+    """Body of ``POST /tokenize`` (vLLM's shapes): a ``prompt``, or chat ``messages`` rendered by the template."""
+
+    model: str | None = None
+    prompt: Text | None = None
+    add_special_tokens: bool = True  # prompt only: the tokenizer's own special tokens (MiniMind's adds none)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ParamError("prompt", "send either prompt (text) or messages (a chat), not both or neither")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    """Body of ``POST /detokenize``: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from minimind_course.serving.internal import InternalRequest
 from minimind_course.serving.tool_parser import CALL_END, CALL_START
 
 THINK_END = "</think>"
@@ -72,12 +73,13 @@ class StructuredOutput:
                                                   stop_token_ids=sorted(stop_token_ids))
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
 
-    def factory(self, grammar: xgr.Grammar) -> ConstraintFactory:
-        """Compile once; the returned callable makes a fresh constraint for each sequence (each of ``n`` choices)."""
+    def factory(self, grammar: xgr.Grammar, param: str = "response_format") -> ConstraintFactory:
+        """Compile once; the returned callable makes a fresh constraint for each sequence (each of ``n`` choices).
+        ``param``: the request field a grammar that cannot compile is blamed on."""
         try:
             compiled = self.compiler.compile_grammar(grammar)
         except (RuntimeError, ValueError) as err:
-            raise GrammarError("response_format", f"the grammar cannot be compiled: {_first_line(err)}") from None
+            raise GrammarError(param, f"the grammar cannot be compiled: {_first_line(err)}") from None
         return lambda: GrammarConstraint(compiled, self.vocab_size)
 
 
@@ -98,9 +100,10 @@ def _literal(text: str) -> xgr.Grammar:
     return xgr.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool) -> xgr.Grammar:
+def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool, params: list[str] | None = None) -> xgr.Grammar:
     """``<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>`` for one of ``tools`` (OpenAI tool dicts),
-    ARGS following that function's parameters; with ``parallel`` one or more calls separated by a newline."""
+    ARGS following that function's parameters; with ``parallel`` one or more calls separated by a newline.
+    ``params``: the request field of each tool's schema, for errors (default ``tools.{i}.function.parameters``)."""
     bodies = []
     for i, tool in enumerate(tools):
         function = tool["function"]
@@ -110,7 +113,7 @@ def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool) -> xgr.Gramma
                            "arguments": function.get("parameters") or {"type": "object", "properties": {}}},
             "required": ["name", "arguments"],
         }
-        bodies.append(json_grammar(schema, f"tools.{i}.function.parameters"))
+        bodies.append(json_grammar(schema, params[i] if params else f"tools.{i}.function.parameters"))
     body = bodies[0] if len(bodies) == 1 else xgr.Grammar.union(*bodies)
     call = xgr.Grammar.concat(_literal(CALL_START + "\n"), body, _literal("\n" + CALL_END))
     if not parallel:
@@ -124,15 +127,15 @@ def after_reasoning(grammar: xgr.Grammar) -> xgr.Grammar:
     return xgr.Grammar.concat(xgr.Grammar.from_ebnf("root ::= [^<]* " + json.dumps(THINK_END + "\n\n")), grammar)
 
 
-def request_grammar(body, thinking: bool) -> xgr.Grammar | None:
-    """The grammar a chat request asks for (forced tools or JSON output), or None for free text."""
-    forced = body.forced_tools()
-    if forced:
-        grammar = tool_call_grammar([tool.model_dump(exclude_none=True) for tool in forced],
-                                    parallel=body.tool_choice == "required" and body.parallel_tool_calls)
-    elif (schema := body.json_format()) is not None:
-        spec = getattr(body.response_format, "json_schema", None)
-        grammar = json_grammar(schema, "response_format", strict=spec is not None)
+def request_grammar(req: InternalRequest, thinking: bool) -> xgr.Grammar | None:
+    """The grammar a request asks for (forced tool calls, or its output schema), or None for free text; it reads
+    only the neutral request's fields, so every protocol gets the same grammars."""
+    if forced := req.forced_tools():
+        grammar = tool_call_grammar([tool for _, tool in forced],
+                                    parallel=req.tool_choice == "required" and req.parallel_tool_calls,
+                                    params=[req.names.tool_parameters.format(index=i) for i, _ in forced])
+    elif req.output_schema is not None:
+        grammar = json_grammar(req.output_schema, req.names.output_schema, strict=req.schema_strict)
     else:
         return None
     return after_reasoning(grammar) if thinking else grammar

@@ -119,7 +119,7 @@ class VLLMServer(ChildServer):
         self.served_model_name = served_model_name
         self.max_model_len = max_model_len or self._config_max_len()
         self.api_key = api_key
-        self.cors_origins = tuple(cors_origins or ())
+        self.cors_origins = None if cors_origins is None else tuple(cors_origins)  # None: vLLM's default (*)
         self.dtype = dtype
         self.extra_args = tuple(extra_args)
         port = port if port is not None else free_port(host)
@@ -147,7 +147,7 @@ class VLLMServer(ChildServer):
         ]  # fmt: skip
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
-        if self.cors_origins:  # browser front ends (NextChat, Chatbox) preflight with Authorization
+        if self.cors_origins is not None:  # browser front ends (NextChat, Chatbox) preflight with Authorization
             cmd += ["--allowed-origins", json.dumps(list(self.cors_origins))]
             cmd += ["--allowed-headers", '["*"]', "--allowed-methods", '["*"]']
         if (self.model_dir / "configuration_deepseek.py").is_file():  # DeepSeek-MoE v1's config class (see export)
@@ -220,7 +220,9 @@ def serve_vllm(args) -> int:
         served_model_name=args.served_model_name,
         max_model_len=args.max_model_len,
         api_key=args.api_key,
-        cors_origins=args.cors_origins,
+        # vLLM takes exact origins only (no pattern for "localhost on any port"): without --cors-origins no browser
+        # origin at all, rather than vLLM's default of every website
+        cors_origins=() if args.cors_origins is None else args.cors_origins,
         dtype=dtype,
         # our --max-num-seqs, then `serve --backend vllm -- FLAGS`: vLLM's own flags, verbatim (a later flag wins)
         extra_args=([*(["--max-num-seqs", str(args.max_num_seqs)] if getattr(args, "max_num_seqs", None) else []),

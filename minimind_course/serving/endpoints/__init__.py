@@ -1,0 +1,1 @@
+"""One module per endpoint, each a FastAPI ``router`` that ``create_app`` includes."""
