@@ -67,5 +67,5 @@ async def count_tokens(body: CountTokensRequest, generation: Generation = Depend
     """The input tokens a Messages request with this body reports in ``usage.input_tokens``."""
     req = to_internal(body, generation)
     generation.check_model(req.model)
-    count = MessageTokensCount(input_tokens=len(generation.prompt_ids_of(req)))
+    count = MessageTokensCount(input_tokens=len(generation.chat_prompt_ids(req)[0]))
     return Response(count.model_dump_json(), media_type="application/json")
