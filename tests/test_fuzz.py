@@ -323,11 +323,15 @@ def test_nan_and_infinity_are_400(fuzz, base_url, name, value):
 @given(extra=st.integers(min_value=0, max_value=10**40), field_name=st.sampled_from(["max_tokens",
                                                                                        "max_completion_tokens"]),
        completions=st.booleans())
-def test_max_tokens_beyond_the_context_is_400(fuzz, base_url, engine, extra, field_name, completions):
+def test_a_prompt_beyond_the_context_is_400_whatever_max_tokens(fuzz, base_url, engine, extra, field_name,
+                                                                completions):
+    """A max_tokens beyond the context alone is clamped (test_server); a prompt that does not fit is always a 400."""
+    long = "你好 " * engine.max_model_len
     if completions:
-        body, url, param = {"prompt": "你好", "max_tokens": engine.max_model_len + extra}, "/completions", "prompt"
+        body, url, param = {"prompt": long, "max_tokens": engine.max_model_len + extra}, "/completions", "prompt"
     else:
-        body, url, param = {"messages": CHINESE, field_name: engine.max_model_len + extra}, "/chat/completions", "messages"
+        body, url, param = ({"messages": [{"role": "user", "content": long}], field_name: engine.max_model_len + extra},
+                            "/chat/completions", "messages")
     error = assert_error(fuzz.post("max_tokens", base_url + url, json_bytes(body)), 400, param)
     assert "maximum context length" in error["message"]
 
