@@ -293,7 +293,8 @@ def test_x_api_key_or_bearer_and_401_in_anthropic_shape(make_server):
 def test_unknown_model_is_404_and_a_full_queue_429_in_anthropic_shape(claude, make_server):
     with pytest.raises(anthropic.NotFoundError) as err:
         claude.messages.create(model="claude-opus-9", max_tokens=4, messages=WHO)
-    assert err.value.body["error"]["type"] == "not_found_error" and "claude-opus-9" in err.value.body["error"]["message"]
+    error = err.value.body["error"]
+    assert error["type"] == "not_found_error" and "claude-opus-9" in error["message"]
     busy = make_server(max_queue=0)
     assert_anthropic_error(post(busy, "/v1/messages", {"model": MODEL, "max_tokens": 4, "messages": WHO}), 429,
                            "rate_limit_error")

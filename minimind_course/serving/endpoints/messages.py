@@ -28,16 +28,14 @@ def to_internal(body: CountTokensRequest, generation: Generation) -> InternalReq
     """The Messages body as the neutral request (a count_tokens body has no sampling: it is never generated)."""
     messages, prefill = body.template_messages()
     choice = body.tool_choice
-    if isinstance(body, MessagesRequest):
-        sampling, max_tokens = body.sampling_params(body.max_tokens, generation.engine.sampling_defaults), body.max_tokens
-    else:
-        sampling, max_tokens = SamplingParams(), None
+    generated = isinstance(body, MessagesRequest)
+    sampling = body.sampling_params(body.max_tokens, generation.engine.sampling_defaults) if generated else None
     return InternalRequest(
-        sampling=sampling,
+        sampling=sampling or SamplingParams(),
         messages=messages,
         prefill=prefill,
         model=body.model,
-        max_tokens=max_tokens,
+        max_tokens=body.max_tokens if generated else None,
         template_kwargs=body.thinking_kwargs(generation.thinking_switches),
         tools=body.template_tools(),
         tool_choice=TOOL_CHOICES[choice.type] if choice else "auto",
@@ -45,7 +43,7 @@ def to_internal(body: CountTokensRequest, generation: Generation) -> InternalReq
         parallel_tool_calls=body.parallel(),
         output_schema=body.output_schema(),
         schema_strict=True,
-        stream=isinstance(body, MessagesRequest) and body.stream,
+        stream=generated and body.stream,
         names=NAMES,
     )
 
