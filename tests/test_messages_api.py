@@ -350,3 +350,31 @@ def test_bad_bodies_and_count_tokens_fields_are_400_in_anthropic_shape(server, c
     with pytest.raises(anthropic.BadRequestError) as err:
         claude.messages.create(model=MODEL, max_tokens=8, messages=WHO, extra_body={"n": 2})
     assert err.value.body["type"] == "error" and "n" in err.value.body["error"]["message"]
+
+
+def test_history_blocks_reach_the_prompt_as_the_chat_template_shows_them(claude, engine):
+    """Earlier thinking is left out, tool calls and results are rendered like chat's, is_error marks a failure."""
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "东京", "unit": "celsius"}}
+    history = [{"role": "user", "content": "东京的天气怎么样？"},
+               {"role": "assistant", "content": [{"type": "thinking", "thinking": "查一下。", "signature": "sig"},
+                                                 {"type": "text", "text": "我来查。"}, call]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                                             "content": [{"type": "text", "text": "超时"}]}]}]
+    chat = [history[0], {"role": "assistant", "content": "我来查。", "tool_calls": [{"id": "toolu_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "东京", "unit": "celsius"}'}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "Error: 超时"}]
+    tools = [{"type": "function", "function": {"name": WEATHER["name"], "description": WEATHER["description"],
+                                               "parameters": WEATHER["input_schema"]}}]
+    counted = claude.messages.count_tokens(model=MODEL, messages=history, tools=[WEATHER])
+    assert counted.input_tokens == len(engine.encode(engine.chat_prompt(chat, tools=tools)))
+
+
+def test_a_failure_after_the_header_is_an_error_event():
+    from minimind_course.serving.render_messages import MessagesRenderer
+    from minimind_course.serving.rendering import ResponseMeta
+
+    [frame] = MessagesRenderer(ResponseMeta.new("msg", MODEL), 5, False, tools=False).failure("generation failed: X")
+    name, data = frame.strip().split("\n")
+    assert name == "event: error"
+    assert json.loads(data.removeprefix("data: ")) == {"type": "error", "error": {
+        "type": "api_error", "message": "generation failed: X"}}
