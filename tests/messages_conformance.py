@@ -40,7 +40,7 @@ def assert_anthropic_error(response: httpx.Response, status: int, kind: str, nam
     """Anthropic's error shape with this status and type; ``names``: text the message must contain (the field)."""
     assert response.status_code == status, response.text
     body = response.json()
-    assert body["type"] == "error" and set(body) <= {"type", "error", "request_id"}, body
+    assert body.get("type") == "error" and set(body) <= {"type", "error", "request_id"}, body
     assert body["error"]["type"] == kind and isinstance(body["error"]["message"], str), body
     if names:
         assert names in body["error"]["message"], body
@@ -103,7 +103,7 @@ def test_messages_tool_choice_any_forces_a_call_that_follows_the_schema(claude, 
     message = greedy(claude, [{"role": "user", "content": "东京的天气怎么样？"}], model=messages_endpoint.model,
                      tools=[WEATHER, TIME], tool_choice=choice, max_tokens=200)
     calls = [block for block in message.content if isinstance(block, ToolUseBlock)]
-    assert message.stop_reason == "tool_use" and len(calls) == 1
+    assert message.stop_reason == "tool_use" and len(calls) == 1, message
     if calls[0].name == "get_weather":
         jsonschema.validate(calls[0].input, WEATHER["input_schema"])
 
