@@ -45,9 +45,9 @@ test: setup-dev
 # `make test` (whose vLLM and ecosystem extras cap them). The server and client tests run in such a venv too (CI).
 SERVE_VENV := .venv-serve
 SERVE_TESTS := tests/test_server.py tests/test_protocol.py tests/test_conformance.py tests/test_fuzz.py \
-	tests/test_tools_server.py tests/test_structured_output.py tests/test_tool_parser.py tests/test_reasoning.py \
-	tests/test_security_defaults.py tests/test_serve_cli.py tests/test_engine.py tests/test_sampling.py \
-	tests/test_stop_strings.py tests/test_detokenize.py tests/test_client.py tests/test_client_tools.py \
+	tests/test_tools_server.py tests/test_structured_output.py tests/test_tool_parser.py tests/test_tool_format.py \
+	tests/test_reasoning.py tests/test_security_defaults.py tests/test_serve_cli.py tests/test_engine.py \
+	tests/test_sampling.py tests/test_stop_strings.py tests/test_detokenize.py tests/test_client.py tests/test_client_tools.py \
 	tests/test_history.py tests/test_chat_cli.py tests/test_widget.py
 $(SERVE_VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(SERVE_VENV)

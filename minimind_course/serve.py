@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rope-scaling", choices=("yarn",), default=None,
                         help="upstream's YaRN rope scaling for a .pth (a folder's config.json says it itself); "
                         "then --max-model-len may exceed the original 2048 positions")
+    parser.add_argument("--tool-grammar", choices=("lazy", "off"), default=None,
+                        help="tool_choice auto: lazy (default) lets the model write freely until it starts a "
+                        "<tool_call>, then only a valid call of an offered function; off leaves auto unconstrained, "
+                        "as vLLM does (forced calls and JSON output are constrained either way)")
     return parser
 
 
@@ -78,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if vllm_args and args.backend != "vllm":
         parser.error("arguments after -- are passed to vLLM: they need --backend vllm")
     args.vllm_args = vllm_args
+    if args.backend == "vllm" and args.tool_grammar == "lazy":
+        parser.error("--tool-grammar lazy is this package's server only: vLLM leaves tool_choice auto unconstrained "
+                     "(leave the flag out, or pass --tool-grammar off)")
+    args.tool_grammar = args.tool_grammar or ("lazy" if args.backend == "minimind" else "off")
     if args.cors_origins is not None:
         args.cors_origins = [origin.strip() for origin in args.cors_origins.split(",") if origin.strip()]
     args.lora = parse_lora(parser, args.lora, args.served_model_name)
@@ -139,7 +147,7 @@ def serve_minimind(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                      cors_origins=args.cors_origins, max_body_bytes=args.max_body_bytes,
-                     max_tokens_overflow=args.max_tokens_overflow)
+                     max_tokens_overflow=args.max_tokens_overflow, tool_grammar=args.tool_grammar)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     adapters = "".join(f"  lora={name!r}" for name in engine.lora_names)
     print(f"MiniMind OpenAI-compatible server: http://{shown_host}:{args.port}/v1  "

@@ -851,7 +851,8 @@ def test_server_is_unharmed_by_hostile_requests(fuzz, base_url, engine):
     url = base_url + "/chat/completions"
     hostile = [b"", b"{", b"[]", b'"x"', b'{"messages": 1}', b'{"messages": [{"role": "x", "content": "y"}]}',
                b'{"messages": [], "max_tokens": -1}', b'{"temperature": NaN}', b"\xff\xfe{}",
-               json_bytes({"messages": CHINESE, "max_tokens": 10**12, "n": 0})]  # clamped, but n is out of range
+               json_bytes({"messages": [{"role": "user", "content": "你好 " * engine.max_model_len}],
+                           "max_tokens": 10**12})]  # a prompt beyond the context: 400 (max_tokens alone is clamped)
     for raw in hostile * 10:
         assert 400 <= fuzz.post("burst", url, raw).status_code < 500
         assert 400 <= fuzz.post("burst", base_url + "/messages", raw).status_code < 500

@@ -95,6 +95,15 @@ def test_options_are_parsed_for_both_backends():
     assert {"model", "host", "port", "served_model_name", "api_key", "dtype"} <= set(vars(args))
 
 
+def test_tool_grammar_defaults_to_lazy_on_our_backend_and_is_refused_for_vllm(capsys):
+    assert parse_args([]).tool_grammar == "lazy" and parse_args(["--tool-grammar", "off"]).tool_grammar == "off"
+    assert parse_args(["--backend", "vllm"]).tool_grammar == "off"  # vLLM leaves tool_choice auto free
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--backend", "vllm", "--tool-grammar", "lazy"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "--tool-grammar lazy is this package's server only" in lines[-1]
+
+
 def ignore_sigint() -> None:
     """What a shell does to a background job (`serve ... &`): the child starts with SIGINT ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

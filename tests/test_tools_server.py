@@ -30,12 +30,12 @@ def scripted(engine):
     """A server whose model writes a given text (one UTF-8 byte per token, so every tag is split) then stops."""
     running = []
 
-    def start(text: str, tokenizer=None) -> openai.OpenAI:
+    def start(text: str, tokenizer=None, tool_grammar: str = "lazy") -> openai.OpenAI:
         tokenizer = tokenizer or engine.tokenizer
         model = ScriptedLM(byte_tokens(tokenizer, text) + [tokenizer.eos_token_id], len(tokenizer))
         scripted_engine = Engine(model, tokenizer, max_num_batched_tokens=4096)  # one prefill chunk: ScriptedLM
         # counts generated tokens from the end of the first chunk, and the tools block is longer than the default 256
-        server = BackgroundServer(create_app(scripted_engine)).start()
+        server = BackgroundServer(create_app(scripted_engine, tool_grammar=tool_grammar)).start()
         running.append((server, scripted_engine))
         return openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
 
@@ -90,13 +90,40 @@ def test_tool_calls_are_parsed_and_streamed_as_openai_deltas(scripted):
 
 
 def test_malformed_call_is_returned_as_content(scripted, caplog):
-    client = scripted('<tool_call>\n{"name": "get_weather", "arguments": {"city": 东京}}\n</tool_call>')
+    """Without the lazy grammar a model can write a broken call: the text comes back as content."""
+    client = scripted('<tool_call>\n{"name": "get_weather", "arguments": {"city": 东京}}\n</tool_call>',
+                      tool_grammar="off")
     answer = client.chat.completions.create(model="minimind", messages=USER, tools=[WEATHER])
     assert answer.choices[0].finish_reason == "stop" and answer.choices[0].message.tool_calls is None
     assert answer.choices[0].message.content.startswith("<tool_call>")
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="minimind", messages=USER, tools=[WEATHER], stream=True) if c.choices)
     assert streamed == answer.choices[0].message.content
+
+
+@pytest.mark.parametrize("tool_grammar", ["lazy", "off"])
+def test_auto_call_the_model_starts_is_made_valid_by_the_lazy_grammar(scripted, tool_grammar):
+    """The model starts a call but misspells the function and a value: with the lazy grammar the server still
+    returns a valid call of the offered function (the mask left only the right letters); without it, the call
+    names a function that was never offered."""
+    city = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Oslo", "东京"]}}, "required": ["city"]}}}
+    text = '好的。\n<tool_call>\n{"name": "get_wxather", "arguments": {"city": "Osl0"}}\n</tool_call>'
+    client = scripted(text, tool_grammar=tool_grammar)
+    for stream in (False, True):
+        kwargs = dict(model="minimind", messages=USER, tools=[city], temperature=0, parallel_tool_calls=False)
+        if stream:
+            with client.chat.completions.stream(**kwargs) as events:
+                answer = events.get_final_completion()
+        else:
+            answer = client.chat.completions.create(**kwargs)
+        choice = answer.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "好的。"
+        [call] = choice.message.tool_calls
+        if tool_grammar == "lazy":
+            assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Oslo"})
+        else:
+            assert call.function.name == "get_wxather"
 
 
 def test_without_tools_the_text_is_left_alone(scripted):
@@ -182,6 +209,8 @@ def test_structured_output_on_the_bundled_model(client):
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}], "tool_choice": "required"},
      "tools.0.function.parameters"),
+    ({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {  # auto: the lazy grammar
+        "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}]}, "tools.1.function.parameters"),
 ])
 def test_bad_tool_requests_are_400_naming_the_param(base_url, fields, param):
     response = httpx.post(base_url + "/chat/completions", json={"messages": USER, "max_tokens": 4, **fields})

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from minimind_course.tool_format import render_assistant
+
 Message = dict[str, Any]  # an OpenAI chat message: content may be None next to tool_calls
 TokenCounter = Callable[[list[Message]], int]
 
@@ -80,10 +82,8 @@ def estimate_text_tokens(text: str) -> int:
 
 def message_text(message: Message) -> str:
     """What a template writes for a message: its content and, for tool calls, each call's name and arguments."""
-    calls = message.get("tool_calls") or []
-    return (message.get("content") or "") + "".join(
-        '<tool_call>\n{"name": "' + call["function"]["name"] + '", "arguments": ' + call["function"]["arguments"]
-        + "}\n</tool_call>" for call in calls)
+    calls = [(call["function"]["name"], call["function"]["arguments"]) for call in message.get("tool_calls") or []]
+    return render_assistant(message.get("content") or "", calls)
 
 
 def estimate_tokens(messages: list[Message]) -> int:

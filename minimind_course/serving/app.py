@@ -38,15 +38,17 @@ def create_app(
     cors_origins: Sequence[str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_overflow: Overflow = "clamp",
+    tool_grammar: str = "lazy",
 ) -> FastAPI:
     """Build the server around an engine. ``api_key`` None leaves every route open; ``/health`` and ``/metrics``
-    are always open. ``cors_origins`` None: local pages and browser extensions only (see ``middleware``)."""
+    are always open. ``cors_origins`` None: local pages and browser extensions only (see ``middleware``).
+    ``tool_grammar`` "lazy" constrains a call the model starts in ``tool_choice`` auto, "off" leaves auto free."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     app = FastAPI(title="MiniMind OpenAI-compatible server", docs_url="/docs", redoc_url=None)
     app.state.engine = engine
     app.state.served_model_names = names
     app.state.started = int(time.time())
-    app.state.generation = Generation(engine, names, max_tokens_overflow)
+    app.state.generation = Generation(engine, names, max_tokens_overflow, tool_grammar)
     app.state.metrics = EngineMetrics(engine, names[0])
     add_error_handlers(app)
     for router in ROUTERS:

@@ -35,6 +35,7 @@ from minimind_course.serving.structured_output import (
     ConstraintFactory,
     GrammarError,
     StructuredOutput,
+    needs_grammar,
     request_grammar,
 )
 
@@ -56,12 +57,13 @@ class Generation:
     """The engine behind every endpoint, with the served names, the grammar compiler and the overflow policy.
 
     ``overflow``: a ``max_tokens`` beyond what the context leaves is clamped to it ("clamp", llama.cpp's way; the
-    answer ends with ``finish_reason "length"``) or refused with vLLM's 400 ("error")."""
+    answer ends with ``finish_reason "length"``) or refused with vLLM's 400 ("error"); ``tool_grammar``: "lazy"
+    constrains a call the model starts under ``tool_choice`` auto, "off" leaves auto free (see structured_output)."""
 
-    def __init__(self, engine: Engine, names: Sequence[str], overflow: Overflow = "clamp"):
+    def __init__(self, engine: Engine, names: Sequence[str], overflow: Overflow = "clamp", tool_grammar: str = "lazy"):
         if overflow not in ("clamp", "error"):
             raise ValueError(f"overflow must be clamp or error, not {overflow!r}")
-        self.engine, self.names, self.overflow = engine, list(names), overflow
+        self.engine, self.names, self.overflow, self.tool_grammar = engine, list(names), overflow, tool_grammar
         self.adapters = engine.lora_names  # LoRA adapters are models of their own, with the base as parent (vLLM)
         if clash := set(self.names) & set(self.adapters):
             raise ValueError(f"LoRA adapter names clash with the served model name: {', '.join(sorted(clash))}")
@@ -167,14 +169,17 @@ class Generation:
     async def constraint(self, req: InternalRequest, thinking: bool) -> ConstraintFactory | None:
         """The grammar a forced tool call or JSON output needs, compiled off the event loop; a schema xgrammar
         cannot compile is the user's 400."""
-        if not req.forced_tools() and req.output_schema is None:
+        if not needs_grammar(req, self.tool_grammar):
             return None
 
         def compile_() -> ConstraintFactory:
             if self._grammars is None:
                 vocab = getattr(self.engine.model.config, "vocab_size", None) or len(self.engine.tokenizer)
                 self._grammars = StructuredOutput(self.engine.tokenizer, vocab, self.engine.eos_token_ids)
-            return self._grammars.factory(request_grammar(req, thinking), req.names.output_schema)
+            forced = req.forced_tools()  # a grammar that does not compile is blamed on what it came from
+            param = req.names.tool_parameters.format(index=forced[0][0]) if len(forced) == 1 else (
+                "tools" if forced else req.names.output_schema)
+            return self._grammars.factory(request_grammar(req, thinking, self.tool_grammar), param)
 
         try:
             return await asyncio.to_thread(compile_)

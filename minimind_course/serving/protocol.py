@@ -13,6 +13,7 @@ from jsonschema import Draft202012Validator, SchemaError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from minimind_course.engine.sampling import SamplingParams
+from minimind_course.tool_format import canonical_arguments
 
 MAX_N = 8  # choices per request; each one costs a full generation on the single worker
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -130,6 +131,8 @@ class ChatMessage(_Request):
         message: dict[str, Any] = {"role": role, "content": self.text()}
         if self.tool_calls:
             message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            for call in message["tool_calls"]:  # as the model writes them, whatever JSON style the client re-sent
+                call["function"]["arguments"] = canonical_arguments(call["function"]["arguments"])
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message

@@ -1,11 +1,14 @@
-"""Grammar-constrained decoding with xgrammar: forced tool calls and JSON output that always parse.
+"""Grammar-constrained decoding with xgrammar: tool calls and JSON output that always parse.
 
-The request decides a grammar (``tool_choice`` required or named: ``<tool_call>`` blocks whose JSON follows the
-function's parameters; ``response_format`` json_object / json_schema: one JSON value of that schema), xgrammar
-compiles it once against the tokenizer, and every sequence gets its own ``GrammarConstraint``: before each draw it
-sets the logits of tokens that would leave the grammar to -inf, after it advances the grammar by the drawn token.
-JSON is generated compactly (``", "`` and ``": "`` separators, no free whitespace), so a model cannot wander in
-spaces; numbers and strings are only bounded by ``max_tokens``.
+The request decides a grammar, built from xgrammar's structural tags: ``tool_choice`` required or named: only
+``<tool_call>`` blocks (``tool_format``) whose JSON names an offered function and follows its parameters;
+``tool_choice`` auto with the lazy tool grammar (the server's default, as llama.cpp's lazy grammars and SGLang's
+triggered tags): free text until the model writes ``<tool_call>``, from there the same call grammar;
+``response_format`` json_object / json_schema: one JSON value of that schema. xgrammar compiles it once against
+the tokenizer, and every sequence gets its own ``GrammarConstraint``: before each draw it sets the logits of tokens
+that would leave the grammar to -inf, after it advances the grammar by the drawn token. JSON is generated
+compactly (``", "`` and ``": "`` separators, no free whitespace), so a model cannot wander in spaces; numbers and
+strings are only bounded by ``max_tokens``. After a prompt's open ``<think>`` the reasoning is free text.
 
 Why xgrammar (``python -m minimind_course.bench.grammar_mask``: per token, one CPU thread): a median of 15-20 us on
 the bundled 2,786-token vocabulary and 24-32 us on a 6,400-token MiniMind vocabulary, against 34-67 us for
@@ -22,11 +25,11 @@ from typing import Any
 
 import torch
 import xgrammar as xgr
+from xgrammar import structural_tag as st
 
 from minimind_course.serving.internal import InternalRequest
-from minimind_course.serving.tool_parser import CALL_END, CALL_START
-
-THINK_END = "</think>"
+from minimind_course.serving.reasoning import THINK_END
+from minimind_course.tool_format import CALL_SEPARATOR, CALL_START, CALL_TAIL, call_head
 
 
 class GrammarError(ValueError):
@@ -96,46 +99,79 @@ def json_grammar(schema: dict[str, Any], param: str, strict: bool = True) -> xgr
         raise GrammarError(param, f"{param}: the schema cannot be turned into a grammar: {_first_line(err)}") from None
 
 
-def _literal(text: str) -> xgr.Grammar:
-    return xgr.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool, params: list[str] | None = None) -> xgr.Grammar:
-    """``<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>`` for one of ``tools`` (OpenAI tool dicts),
-    ARGS following that function's parameters; with ``parallel`` one or more calls separated by a newline.
-    ``params``: the request field of each tool's schema, for errors (default ``tools.{i}.function.parameters``)."""
-    bodies = []
-    for i, tool in enumerate(tools):
-        function = tool["function"]
-        schema = {
-            "type": "object",
-            "properties": {"name": {"const": function["name"]},
-                           "arguments": function.get("parameters") or {"type": "object", "properties": {}}},
-            "required": ["name", "arguments"],
-        }
-        bodies.append(json_grammar(schema, params[i] if params else f"tools.{i}.function.parameters"))
-    body = bodies[0] if len(bodies) == 1 else xgr.Grammar.union(*bodies)
-    call = xgr.Grammar.concat(_literal(CALL_START + "\n"), body, _literal("\n" + CALL_END))
-    if not parallel:
-        return call
-    rules = re.sub(r"\broot\b", "tool_call", str(call))
-    return xgr.Grammar.from_ebnf(f'root ::= tool_call ("\\n" tool_call)*\n{rules}')
+def _compact_json(schema: dict[str, Any], param: str, strict: bool = True) -> st.GrammarFormat:
+    """A structural-tag piece for compact JSON (xgrammar's own ``json_schema`` piece allows free whitespace)."""
+    return st.GrammarFormat(grammar=str(json_grammar(schema, param, strict)))
 
 
-def after_reasoning(grammar: xgr.Grammar) -> xgr.Grammar:
-    """For a prompt that ends in an open ``<think>``: free reasoning (no ``<``), ``</think>``, then ``grammar``."""
-    return xgr.Grammar.concat(xgr.Grammar.from_ebnf("root ::= [^<]* " + json.dumps(THINK_END + "\n\n")), grammar)
+def _call_tags(tools: list[tuple[int, dict[str, Any]]]) -> list[st.TagFormat]:
+    """One tag per (index in ``tools``, OpenAI tool dict): the call's head with the function's name spelt out, the
+    arguments following its parameters, the tail; the same bytes as ``tool_format.render_call``."""
+    return [st.TagFormat(begin=call_head(tool["function"]["name"]), end=CALL_TAIL,
+                         content=_compact_json(tool["function"].get("parameters") or EMPTY_PARAMETERS,
+                                               f"tools.{i}.function.parameters"))
+            for i, tool in tools]
 
 
-def request_grammar(req: InternalRequest, thinking: bool) -> xgr.Grammar | None:
-    """The grammar a request asks for (forced tool calls, or its output schema), or None for free text; it reads
-    only the neutral request's fields, so every protocol gets the same grammars."""
-    if forced := req.forced_tools():
-        grammar = tool_call_grammar([tool for _, tool in forced],
-                                    parallel=req.tool_choice == "required" and req.parallel_tool_calls,
-                                    params=[req.names.tool_parameters.format(index=i) for i, _ in forced])
-    elif req.output_schema is not None:
-        grammar = json_grammar(req.output_schema, req.names.output_schema, strict=req.schema_strict)
-    else:
+def _calls_only(tools: list[tuple[int, dict[str, Any]]], parallel: bool) -> st.TagsWithSeparatorFormat:
+    return st.TagsWithSeparatorFormat(tags=_call_tags(tools), separator=CALL_SEPARATOR, at_least_one=True,
+                                      stop_after_first=not parallel)
+
+
+def _lazy_calls(tools: list[tuple[int, dict[str, Any]]], parallel: bool) -> st.TriggeredTagsFormat:
+    return st.TriggeredTagsFormat(triggers=[CALL_START], tags=_call_tags(tools), stop_after_first=not parallel)
+
+
+def _grammar(piece: st.Format, thinking: bool = False, param: str = "tools") -> xgr.Grammar:
+    """The grammar of ``piece``; after a prompt's open ``<think>``, free reasoning up to ``</think>`` comes first."""
+    if thinking:
+        reasoning = st.TagFormat(begin="", content=st.AnyTextFormat(), end=THINK_END + "\n\n")
+        piece = st.SequenceFormat(elements=[reasoning, piece])
+    try:
+        return xgr.Grammar.from_structural_tag(st.StructuralTag(format=piece))
+    except (RuntimeError, ValueError) as err:
+        raise GrammarError(param, f"{param}: no grammar can be built for it: {_first_line(err)}") from None
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], parallel: bool) -> xgr.Grammar:
+    """Forced calls (``tool_choice`` required or named): only ``<tool_call>`` blocks of ``tools`` (OpenAI tool
+    dicts), arguments following the function's parameters; with ``parallel`` one or more, one per line."""
+    return _grammar(_calls_only(list(enumerate(tools)), parallel))
+
+
+def lazy_tool_grammar(tools: list[dict[str, Any]], parallel: bool) -> xgr.Grammar:
+    """``tool_choice`` auto: free text until the model writes ``<tool_call>``, then only a call of one of ``tools``;
+    after it free text again (and more calls with ``parallel``; without, the answer ends with its one call)."""
+    return _grammar(_lazy_calls(list(enumerate(tools)), parallel))
+
+
+def _lazy(req: InternalRequest, tool_grammar: str) -> bool:
+    """Whether the lazy tool grammar applies: it is on and the model is shown tools (``tool_choice`` not none)."""
+    return tool_grammar == "lazy" and bool(req.active_tools())
+
+
+def needs_grammar(req: InternalRequest, tool_grammar: str = "lazy") -> bool:
+    """Whether a request is decoded under a grammar: forced tools, an output schema, or auto tools with the lazy
+    tool grammar on."""
+    return _lazy(req, tool_grammar) or bool(req.forced_tools()) or req.output_schema is not None
+
+
+def request_grammar(req: InternalRequest, thinking: bool, tool_grammar: str = "lazy") -> xgr.Grammar | None:
+    """The grammar a request asks for, or None for free text; it reads only the neutral request's fields, so every
+    protocol gets the same grammars. Forced tools: calls only; auto with the lazy grammar: free text or calls (with
+    an output schema: calls or that JSON); else the output schema."""
+    if not needs_grammar(req, tool_grammar):
         return None
-    return after_reasoning(grammar) if thinking else grammar
+    indexed = list(enumerate(req.tools))
+    if forced := req.forced_tools():
+        return _grammar(_calls_only(forced, parallel=req.tool_choice == "required" and req.parallel_tool_calls),
+                        thinking)
+    if req.output_schema is not None:
+        piece: st.Format = _compact_json(req.output_schema, req.names.output_schema, strict=req.schema_strict)
+        if not _lazy(req, tool_grammar):
+            return _grammar(piece, thinking, req.names.output_schema)
+        return _grammar(st.OrFormat(elements=[_calls_only(indexed, req.parallel_tool_calls), piece]), thinking)
+    return _grammar(_lazy_calls(indexed, req.parallel_tool_calls), thinking)

@@ -1,23 +1,22 @@
 """Turn ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` blocks in a model's text into OpenAI tool calls.
 
-The format is upstream MiniMind-3's (Hermes / Qwen3 convention, vLLM's ``hermes`` parser). The parser works on
-text, not token ids: on the bundled model ``<tool_call>`` is several tokens. It is fed streamed pieces; a tag split
-across pieces is held back until it is complete, a call is held until its ``</tool_call>``, so tags never leak into
-the content and streaming and non-streaming give exactly the same message. Whitespace next to a call is dropped.
-A block that is not a valid call (bad JSON, no name) is returned as content, as vLLM does, and logged.
+The format (``minimind_course.tool_format``) is upstream MiniMind-3's (Hermes / Qwen3 convention, vLLM's ``hermes``
+parser). The parser works on text, not token ids: on the bundled model ``<tool_call>`` is several tokens. It is fed
+streamed pieces; a tag split across pieces is held back until it is complete, a call is held until its
+``</tool_call>``, so tags never leak into the content and streaming and non-streaming give exactly the same message.
+Whitespace next to a call is dropped. A block that is not a valid call (bad JSON, no name) is returned as content,
+as vLLM does, and logged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from dataclasses import dataclass
 
 from minimind_course.engine.stop_strings import held_suffix_len
+from minimind_course.tool_format import CALL_END, CALL_START, parse_call
 
-CALL_START = "<tool_call>"
-CALL_END = "</tool_call>"
 log = logging.getLogger(__name__)
 
 
@@ -37,25 +36,6 @@ class ParsedToolCall:
 def new_call_id() -> str:
     """A unique call id (uuid-based, as vLLM; upstream's time-based ids collide)."""
     return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def parse_call(block: str) -> tuple[str, str] | None:
-    """(name, arguments JSON) of the text between the tags, or None when it is not a call."""
-    try:
-        call = json.loads(block)
-    except ValueError:
-        return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
-        return None
-    arguments = call.get("arguments", call.get("parameters", {}))  # a parameterless call may omit them
-    if isinstance(arguments, str):  # some models write the arguments as a JSON string
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            return None
-    if not isinstance(arguments, dict):
-        return None
-    return call["name"], json.dumps(arguments, ensure_ascii=False)
 
 
 class ToolCallParser:

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from minimind_course import tool_format
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # CJK punctuation, CJK ideographs (extension A, unified, compatibility) and full-width forms.
@@ -19,10 +21,17 @@ CJK_CHAR_PATTERN = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00
 
 # ChatML, as upstream MiniMind2, but without a default system prompt: the model sees exactly the messages sent.
 # Content may be a string or a list of OpenAI-style parts ({"type": "text", "text": ...}). Tools, calls and results
-# use upstream MiniMind-3's format (Hermes/Qwen3 convention): a "# Tools" block in the system turn, assistant calls as
-# <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>, results as <tool_response> blocks in one user turn
-# (consecutive tool messages merged). Unlike MiniMind-3 there are no <think> blocks; other template kwargs
+# are written in MiniMind's tool-call format (``minimind_course.tool_format``, upstream MiniMind-3's): a "# Tools"
+# block in the system turn, assistant calls as <tool_call> blocks, results as <tool_response> blocks in one user
+# turn (consecutive tool messages merged). Unlike MiniMind-3 there are no <think> blocks; other template kwargs
 # (enable_thinking, open_thinking, ...) are accepted and ignored.
+
+
+def _jinja(text: str) -> str:
+    """``text`` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
 CHAT_TEMPLATE = (
     "{%- macro text(content) -%}"
     "{%- if content is string -%}{{- content -}}"
@@ -34,28 +43,28 @@ CHAT_TEMPLATE = (
     "{%- if tools -%}"
     "{{- '<|im_start|>system\\n' -}}"
     "{%- if first_is_system -%}{{- text(messages[0]['content']) + '\\n\\n' -}}{%- endif -%}"
-    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'"
-    " + 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}"
+    "{{- " + _jinja(tool_format.TOOLS_HEADER) + " -}}"
     "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
-    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '"
-    " + '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": '"
-    " + '<args-json-object>}\\n</tool_call><|im_end|>\\n' -}}"
+    "{{- " + _jinja(tool_format.TOOLS_FOOTER + "<|im_end|>\n") + " -}}"
     "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'tool' -%}"
     "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
-    "{{- '\\n<tool_response>\\n' + text(message['content']) + '\\n</tool_response>' -}}"
+    "{{- " + _jinja(f"\n{tool_format.RESPONSE_START}\n") + " + text(message['content']) + "
+    + _jinja(f"\n{tool_format.RESPONSE_END}") + " -}}"
     "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- elif not (tools and loop.first and first_is_system) -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + text(message['content']) -}}"
     "{%- if message['role'] == 'assistant' and message['tool_calls'] -%}"
     "{%- for call in message['tool_calls'] -%}"
     "{%- set call = call['function'] if call['function'] is defined else call -%}"
-    "{%- if not loop.first or text(message['content']) -%}{{- '\\n' -}}{%- endif -%}"
-    "{{- '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' -}}"
+    "{%- if not loop.first or text(message['content']) -%}{{- " + _jinja(tool_format.CALL_SEPARATOR)
+    + " -}}{%- endif -%}"
+    "{{- " + _jinja(tool_format.CALL_START + '\n{"name": ') + " + (call['name'] | tojson) + "
+    + _jinja(', "arguments": ') + " -}}"
     "{%- if call['arguments'] is string -%}{{- call['arguments'] -}}{%- else -%}{{- call['arguments'] | tojson -}}"
     "{%- endif -%}"
-    "{{- '}\\n</tool_call>' -}}"
+    "{{- " + _jinja(tool_format.CALL_TAIL) + " -}}"
     "{%- endfor -%}"
     "{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
