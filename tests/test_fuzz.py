@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 import jsonschema
 import pytest
+from anthropic.types import Message as AnthropicMessage
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from openai.types import Completion
@@ -666,6 +667,168 @@ def test_arbitrary_schemas_are_400_or_answered_never_5xx(fuzz, base_url, schema,
         jsonschema.validate(json.loads(text), schema)
 
 
+# ---- Anthropic's /v1/messages -------------------------------------------------------------------------------------
+def messages_url(base_url: str) -> str:
+    return base_url + "/messages"
+
+
+def assert_anthropic_error(response: httpx.Response, status: int, names: str | None = None) -> str:
+    """``response`` is ``status`` in Anthropic's shape; ``names`` (if given) opens the message (the field's path)."""
+    assert response.status_code == status, response.text[:500]
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["type"] == "error" and set(body) == {"type", "error"}, body
+    assert set(body["error"]) == {"type", "message"} and body["error"]["message"].strip()
+    assert body["error"]["type"] == ("invalid_request_error" if status == 400 else body["error"]["type"])
+    if names is not None:
+        assert body["error"]["message"].startswith(names), body
+    return body["error"]["message"]
+
+
+def assert_message_ok(response: httpx.Response, body: dict) -> AnthropicMessage:
+    """A valid Messages request got a well-formed answer: SDK-parsable, within its token budget."""
+    assert response.status_code == 200, response.text[:500]
+    if not body.get("stream"):
+        message = AnthropicMessage.model_validate(response.json())
+        assert message.usage.output_tokens <= body["max_tokens"] and message.stop_reason is not None
+        return message
+    frames = [frame.split("\n") for frame in response.text.strip().split("\n\n")]
+    events = [json.loads(data.removeprefix("data: ")) for _, data in frames]
+    assert [name.removeprefix("event: ") for name, _ in frames] == [event["type"] for event in events]
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop", events
+    assert not any(event["type"] == "error" for event in events)
+    return AnthropicMessage.model_validate({**events[0]["message"], "stop_reason": events[-2]["delta"]["stop_reason"]})
+
+
+MESSAGES_WRONG_TYPES = {
+    "model": NOT_STR, "max_tokens": NOT_INT, "temperature": NOT_NUMBER, "top_p": NOT_NUMBER, "top_k": NOT_INT,
+    "stream": NOT_BOOL, "system": st.integers() | st.booleans() | st.dictionaries(TEXT, SCALARS, max_size=2),
+    "stop_sequences": TEXT | st.integers() | st.lists(st.integers() | st.booleans(), min_size=1, max_size=2),
+    "messages": TEXT | st.integers() | st.dictionaries(TEXT, SCALARS, max_size=2),
+    "tools": NOT_OBJECT.filter(lambda v: not isinstance(v, list)) | st.lists(SCALARS, min_size=1, max_size=2),
+    "tool_choice": NOT_OBJECT | st.dictionaries(TEXT, SCALARS, max_size=2),
+    "thinking": NOT_OBJECT | st.builds(lambda t: {"type": t}, TEXT.filter(
+        lambda t: t not in {"enabled", "disabled", "adaptive"})),
+    "metadata": NOT_OBJECT, "output_config": NOT_OBJECT,
+}
+ANTHROPIC_FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "top_k",
+                    "tools", "tool_choice", "stream", "metadata", "thinking", "output_config", "service_tier",
+                    "cache_control"}
+BLOCK_TYPES = ["image", "document", "search_result", "server_tool_use", "web_search_tool_result",
+               "container_upload", "tool_reference", "mcp_tool_use"]
+HOSTILE_BLOCKS = st.one_of(  # (a user message's content list, what the 400's message opens with)
+    st.tuples(st.lists(st.builds(lambda t, extra: {"type": t, **extra}, st.sampled_from(BLOCK_TYPES) | TEXT.filter(
+        lambda t: t not in {"text", "tool_result", "tool_use", "thinking", "redacted_thinking"}),
+        st.dictionaries(TEXT, SCALARS, max_size=2)), min_size=1, max_size=3), st.just("messages.0.content")),
+    st.tuples(st.lists(st.builds(lambda v: {"type": "text", "text": v}, NOT_STR), min_size=1, max_size=2),
+              st.just("messages.0.content")),
+    st.tuples(st.lists(st.builds(lambda k, v: {"type": "text", "text": "你好", k: v}, TEXT.filter(
+        lambda k: k not in {"type", "text", "cache_control", "citations"}), SCALARS), min_size=1, max_size=2),
+        st.just("messages.0.content")),
+    st.tuples(st.lists(st.builds(lambda i: {"type": "tool_use", "id": i, "name": "f", "input": {}}, TEXT),
+                       min_size=1, max_size=2), st.just("messages.0.content")),  # a user message cannot call
+    st.tuples(st.lists(NOT_OBJECT, min_size=1, max_size=3), st.just("messages.0.content")),
+)
+
+
+@fuzz_settings(200)
+@given(case=HOSTILE_BLOCKS, stream=st.booleans())
+def test_messages_hostile_blocks_are_400_in_anthropic_shape(fuzz, base_url, case, stream):
+    content, names = case
+    body = {"model": "minimind", "max_tokens": 2, "stream": stream, "messages": [{"role": "user", "content": content}]}
+    assert_anthropic_error(fuzz.post("messages_blocks", messages_url(base_url), json_bytes(body)), 400, names)
+
+
+@fuzz_settings(150)
+@given(data=st.data(), name=st.sampled_from(sorted(MESSAGES_WRONG_TYPES)))
+def test_messages_wrong_types_are_400_naming_the_field(fuzz, base_url, data, name):
+    body = {"model": "minimind", "messages": CHINESE, "max_tokens": 1, name: data.draw(MESSAGES_WRONG_TYPES[name])}
+    assert_anthropic_error(fuzz.post("messages_types", messages_url(base_url), json_bytes(body)), 400, name)
+
+
+@fuzz_settings(60)
+@given(name=TEXT.filter(lambda n: n not in ANTHROPIC_FIELDS), value=SCALARS)
+def test_messages_unknown_fields_are_400_naming_them(fuzz, base_url, name, value):
+    body = {"model": "minimind", "messages": CHINESE, "max_tokens": 1, name: value}
+    assert name in assert_anthropic_error(fuzz.post("messages_fields", messages_url(base_url), json_bytes(body)), 400)
+
+
+TOOL_IDS = st.from_regex(r"\Atoolu_[a-zA-Z0-9_-]{1,12}\Z")
+
+
+@fuzz_settings(120)
+@given(used=st.lists(TOOL_IDS, min_size=1, max_size=3, unique=True), answered=st.lists(TOOL_IDS, max_size=3),
+       trailing=st.booleans())
+def test_messages_mismatched_tool_ids_are_400(fuzz, base_url, used, answered, trailing):
+    """Every tool_use must be answered in the next user message, and every tool_result must answer one of them."""
+    assume(set(answered) != set(used) or len(answered) != len(set(answered)) or not answered)
+    calls = [{"type": "tool_use", "id": i, "name": "f", "input": {}} for i in used]
+    results = [{"type": "tool_result", "tool_use_id": i, "content": "好"} for i in answered]
+    messages = [*CHINESE, {"role": "assistant", "content": calls}]
+    if not trailing or results:
+        messages.append({"role": "user", "content": results or "继续"})
+    body = {"model": "minimind", "max_tokens": 2, "messages": messages,
+            "tools": [{"name": "f", "input_schema": {"type": "object"}}]}
+    response = fuzz.post("messages_tool_ids", messages_url(base_url), json_bytes(body))
+    assert "tool" in assert_anthropic_error(response, 400, "messages.")
+
+
+@fuzz_settings(80)
+@given(before=CJK_TEXT, bad=INVALID_UTF8, after=CJK_TEXT, count_tokens=st.booleans())
+def test_messages_invalid_utf8_is_400(fuzz, base_url, before, bad, after, count_tokens):
+    raw = json_bytes({"model": "minimind", "messages": [{"role": "user", "content": before + "\x00SPLIT"}],
+                      "max_tokens": 1}).replace(b"\\u0000SPLIT", bad + after.encode("utf-8"))
+    url = messages_url(base_url) + ("/count_tokens" if count_tokens else "")
+    assert "UTF-8" in assert_anthropic_error(fuzz.post("messages_utf8", url, raw), 400)
+
+
+@fuzz_settings(60)
+@given(raw=st.binary(max_size=200).filter(lambda b: not is_json(b)) | JSON_VALUES.filter(
+    lambda v: not isinstance(v, dict)).map(json_bytes))
+def test_messages_bodies_that_are_not_json_objects_are_400(fuzz, base_url, raw):
+    assert_anthropic_error(fuzz.post("messages_json", messages_url(base_url), raw), 400)
+
+
+MESSAGE_TEXT = st.text(st.sampled_from("你好世界模型请介绍一下自己。！？🍜 abcXYZ\n\"<|im_end|>"), min_size=1, max_size=30)
+
+
+@fuzz_settings(80)
+@given(text=MESSAGE_TEXT, system=st.none() | MESSAGE_TEXT, stop=st.lists(MESSAGE_TEXT, max_size=2),
+       temperature=st.none() | st.floats(0, 1), top_k=st.none() | st.integers(1, 50),
+       top_p=st.none() | st.floats(0.01, 1), max_tokens=st.integers(1, 12), stream=st.booleans(),
+       prefill=st.none() | MESSAGE_TEXT)
+def test_messages_valid_requests_are_answered(fuzz, base_url, text, system, stop, temperature, top_k, top_p,
+                                              max_tokens, stream, prefill):
+    body = {"model": "minimind", "max_tokens": max_tokens, "stream": stream,
+            "messages": [{"role": "user", "content": text}] + (
+                [{"role": "assistant", "content": prefill}] if prefill else [])}
+    extra = {"system": system, "stop_sequences": stop or None, "temperature": temperature, "top_k": top_k,
+             "top_p": top_p}
+    body.update({key: value for key, value in extra.items() if value is not None})
+    message = assert_message_ok(fuzz.post("messages_valid", messages_url(base_url), json_bytes(body)), body)
+    counted = fuzz.post("messages_valid", messages_url(base_url) + "/count_tokens", json_bytes(
+        {key: value for key, value in body.items() if key in ("model", "messages", "system")}))
+    assert counted.status_code == 200 and counted.json() == {"input_tokens": message.usage.input_tokens}
+
+
+@fuzz_settings(40)
+@given(cut_after=st.integers(0, 3000), max_tokens=st.integers(8, 64))
+def test_messages_streams_cut_midway_free_the_engine(fuzz, base_url, engine, cut_after, max_tokens):
+    """A client that hangs up mid-stream: its generation stops, and the next request is served."""
+    body = {"model": "minimind", "max_tokens": max_tokens, "stream": True, "messages": CHINESE}
+    with fuzz.client.stream("POST", messages_url(base_url), content=json_bytes(body), headers=JSON_HEADERS) as cut:
+        assert cut.status_code == 200
+        received = 0
+        for chunk in cut.iter_bytes():
+            received += len(chunk)
+            if received > cut_after:
+                break
+    fuzz.requests["messages_cut"] += 1
+    fuzz.statuses[200] += 1
+    after = {"model": "minimind", "max_tokens": 2, "messages": CHINESE}
+    assert_message_ok(fuzz.post("messages_cut", messages_url(base_url), json_bytes(after)), after)
+
+
 # ---- regressions found by this fuzzing (they were 500s) -----------------------------------------------------------
 def test_found_by_fuzzing_seeds_beyond_64_bits_are_400_not_500(fuzz, base_url):
     for seed in (2**63, -(2**63) - 1, 10**30):
@@ -808,6 +971,7 @@ def test_server_is_unharmed_by_hostile_requests(fuzz, base_url, engine):
                  json_bytes({"input": "x", "previous_response_id": "resp_gone"}), b'{"input": "x", "top_p": NaN}']
     for raw in hostile * 10:
         assert 400 <= fuzz.post("burst", url, raw).status_code < 500
+        assert 400 <= fuzz.post("burst", base_url + "/messages", raw).status_code < 500
     for raw in responses * 10:
         assert 400 <= fuzz.post("burst", base_url + "/responses", raw).status_code < 500
     assert engine.active is None and engine.queued == 0

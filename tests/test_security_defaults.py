@@ -42,7 +42,9 @@ def test_keys_are_compared_in_constant_time_and_health_is_not_checked(make_serve
     assert compared == []
     assert httpx.get(server.base_url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert httpx.get(server.base_url + "/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
-    assert compared == [(b"Bearer nope", b"Bearer sesame"), (b"Bearer sesame", b"Bearer sesame")]
+    assert httpx.get(server.base_url + "/v1/models", headers={"x-api-key": "sesame"}).status_code == 200
+    assert compared == [(b"Bearer nope", b"Bearer sesame"), (b"", b"sesame"),  # Bearer, then Anthropic's x-api-key
+                        (b"Bearer sesame", b"Bearer sesame"), (b"", b"Bearer sesame"), (b"sesame", b"sesame")]
 
 
 EXTENSION = "chrome-extension://bpoadfkcbjbfhfodiogcnhhhpibjhbnh"  # a page-translation plug-in's own origin

@@ -21,13 +21,15 @@ def merge_steps(steps: list[StepOutput]) -> StepOutput:
     texts: dict[int, str] = {}
     reasons: dict[int, str | None] = {}
     logprobs: dict[int, tuple[TokenLogprob, ...]] = {}
+    stops: dict[int, str | None] = {}
     for step in steps:
         for delta in step.choices:
             texts[delta.index] = texts.get(delta.index, "") + delta.text
             reasons[delta.index] = delta.finish_reason or reasons.get(delta.index)
             logprobs[delta.index] = logprobs.get(delta.index, ()) + delta.logprobs
+            stops[delta.index] = delta.stop_string or stops.get(delta.index)
     last = steps[-1]
-    merged = [ChoiceDelta(i, texts[i], reasons[i], logprobs[i]) for i in texts]
+    merged = [ChoiceDelta(i, texts[i], reasons[i], logprobs[i], stops[i]) for i in texts]
     return StepOutput(merged, last.prompt_tokens, last.completion_tokens, last.finished)
 
 
@@ -82,6 +84,7 @@ class GenerationHandle:
         texts = [""] * self.params.n
         reasons = [""] * self.params.n
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.params.n)]
+        stops: list[str | None] = [None] * self.params.n
         step = None
         async for step in self:
             for delta in step.choices:
@@ -89,4 +92,5 @@ class GenerationHandle:
                 logprobs[delta.index].extend(delta.logprobs)
                 if delta.finish_reason:
                     reasons[delta.index] = delta.finish_reason
-        return GenerationResult(texts, reasons, step.prompt_tokens, step.completion_tokens, logprobs)
+                    stops[delta.index] = delta.stop_string
+        return GenerationResult(texts, reasons, step.prompt_tokens, step.completion_tokens, logprobs, stops)

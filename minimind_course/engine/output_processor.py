@@ -45,7 +45,8 @@ class OutputProcessor:
             reason = "stop"
         seq.finish_reason = reason
         if text or reason or logprob:
-            return ChoiceDelta(seq.index, text, reason, (logprob,) if logprob else ())
+            stop_string = seq.matcher.matched if reason == "stop" else None
+            return ChoiceDelta(seq.index, text, reason, (logprob,) if logprob else (), stop_string)
         return None
 
     def _advance(

@@ -19,12 +19,14 @@ class ChoiceDelta:
     """New text of one choice in one step; ``finish_reason`` is set on its last delta ("stop" or "length").
 
     ``logprobs`` holds the tokens generated in this step when the request asked for them; their text may
-    still be held back (an incomplete character, a possible stop string) and arrive in a later delta."""
+    still be held back (an incomplete character, a possible stop string) and arrive in a later delta.
+    ``stop_string`` is the stop string that ended the choice (None for end-of-sequence, length or a grammar)."""
 
     index: int
     text: str
     finish_reason: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    stop_string: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per choice, when requested
+    stop_strings: list[str | None] = field(default_factory=list)  # per choice: the stop string that ended it
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class StopStringMatcher:
         self.text = ""  # all text so far, cut at the stop string once one matched
         self.emitted = 0  # how much of self.text has been handed out
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the output (Anthropic's ``stop_sequence``)
 
     def push(self, piece: str) -> str:
         """Add newly decoded text; return the part that can be emitted now."""
@@ -36,9 +37,10 @@ class StopStringMatcher:
         start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
         self.text += piece
         # the stop string that is complete first wins (as when checking token by token), whatever the pieces
-        hits = [(i + len(s), i) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        hits = [(i + len(s), i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)[1]]
+            _, cut, self.matched = min(hits)
+            self.text = self.text[:cut]
             self.stopped = True
             return self._emit(len(self.text))
         return self._emit(len(self.text) - held_suffix_len(self.text, self.stop))

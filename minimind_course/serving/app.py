@@ -7,6 +7,7 @@
 | ``POST /v1/chat/completions`` | ``endpoints/chat_completions.py`` |
 | ``POST /v1/completions`` | ``endpoints/completions.py`` |
 | ``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}`` | ``endpoints/responses.py`` (store: ``response_store``) |
+| ``POST /v1/messages``, ``POST /v1/messages/count_tokens`` | ``endpoints/messages.py`` (Anthropic's Messages API) |
 | ``POST /tokenize``, ``POST /detokenize`` | ``endpoints/tokenize.py`` |
 
 Each endpoint converts its body into an ``InternalRequest`` (``internal``) for the shared path (``generation``)
@@ -21,14 +22,15 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from minimind_course.engine.engine import Engine
-from minimind_course.serving.endpoints import chat_completions, completions, health, models, responses, tokenize
+from minimind_course.serving.endpoints import (chat_completions, completions, health, messages, models, responses,
+                                               tokenize)
 from minimind_course.serving.generation import Generation, Overflow
 from minimind_course.serving.metrics import EngineMetrics
 from minimind_course.serving.middleware import DEFAULT_MAX_BODY_BYTES, add_error_handlers, add_middleware
 from minimind_course.serving.response_store import DEFAULT_MAX_ENTRIES, ResponseStore
 
-ROUTERS = (health.router, models.router, chat_completions.router, completions.router, tokenize.router,
-           responses.router)
+ROUTERS = (health.router, models.router, chat_completions.router, completions.router, responses.router,
+           messages.router, tokenize.router)
 
 
 def create_app(

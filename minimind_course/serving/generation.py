@@ -104,6 +104,12 @@ class Generation:
         except PromptError as err:
             raise OpenAIError(400, str(err), req.names.prompt) from err
 
+    def chat_prompt_ids(self, req: InternalRequest) -> tuple[list[int], bool]:
+        """The token ids of the request's chat prompt (its ``prefill`` after the generation prompt), and whether
+        the template pre-filled an open ``<think>`` (the answer then starts in reasoning)."""
+        prompt = self.chat_prompt(req)
+        return self.engine.encode(prompt + req.prefill), prompt.rstrip().endswith(THINK_START)
+
     def prompt_ids(self, prompt: str | list[int], param: str) -> list[int]:
         """Text encoded as is, or token ids checked against the vocabulary."""
         if isinstance(prompt, str):
@@ -118,9 +124,7 @@ class Generation:
         """Check model, prompt, budget and grammar (each failure the user's 4xx), then queue the request."""
         model = self.check_model(req.model)
         if req.messages is not None:
-            prompt = self.chat_prompt(req)
-            thinking = prompt.rstrip().endswith(THINK_START)  # the template pre-filled an open <think>
-            prompt_ids = self.engine.encode(prompt)
+            prompt_ids, thinking = self.chat_prompt_ids(req)
         else:
             thinking, prompt_ids = False, self.prompt_ids(req.prompt if req.prompt is not None else "", "prompt")
         if not prompt_ids:

@@ -35,6 +35,7 @@ class InternalRequest:
     sampling: SamplingParams  # n, temperature, top_p, ..., stop, seed, logprobs; max_tokens is set by the budget
     messages: list[dict[str, Any]] | None = None  # the chat template's message dicts (role, content, tool_calls...)
     prompt: str | list[int] | None = None
+    prefill: str = ""  # text after the generation prompt that the answer continues (Anthropic's final assistant turn)
     model: str | None = None  # the served name or LoRA adapter asked for (None: the first served name)
     max_tokens: int | None = None  # as requested; None: what the context leaves
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs, reasoning switches
