@@ -7,4 +7,9 @@ imports none of them, so the client side never pulls in torch; ``import minimind
 MiniMind architecture with transformers' Auto classes.
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# A library stays quiet until its user configures logging (`serve` does: every 4xx is logged there).
+logging.getLogger(__name__).addHandler(logging.NullHandler())

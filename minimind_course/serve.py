@@ -7,6 +7,7 @@ Mistakes (port in use, bad model path) end with one line on stderr and exit stat
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -182,6 +183,7 @@ def serve_minimind(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:  %(name)s  %(message)s")
     if args.backend == "vllm":
         from minimind_course.serving.vllm_launcher import serve_vllm, vllm_installed, vllm_problem
 

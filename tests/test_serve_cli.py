@@ -130,6 +130,7 @@ def test_serves_an_openai_endpoint_and_stops_cleanly(stop_signal, preexec):
         _, stderr = process.communicate(timeout=30)
     assert process.returncode in (130, -signal.SIGTERM)  # the shell conventions for Ctrl+C and SIGTERM
     assert f"http://127.0.0.1:{port}/v1" in stderr and "Traceback" not in stderr
+    assert "WARNING:  minimind_course.serving  401 param=None Invalid or missing API key" in stderr  # 4xx logged
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])

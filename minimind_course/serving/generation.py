@@ -248,6 +248,6 @@ async def result_unless_disconnected(handle: GenerationHandle, request: Request)
         raise OpenAIError(500, f"generation failed: {type(err).__name__}: {err}") from err
 
 
-def get_generation(request: Request) -> Generation:
-    """FastAPI dependency: the app's shared generation path."""
+async def get_generation(request: Request) -> Generation:
+    """FastAPI dependency: the app's shared generation path (async: a sync one would take a pool thread)."""
     return request.app.state.generation

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from minimind_course.engine.sampling import SamplingParams
 from minimind_course.serving.protocol import SAMPLING_EPS, OpenAIError, ParamError, Schema, Text
@@ -131,13 +131,15 @@ class MessageParam(_Strict):
     def _content(cls, value: Any) -> Any:
         return _text_blocks(value, "a message")
 
-    @model_validator(mode="after")
-    def _blocks_fit_the_role(self) -> MessageParam:
-        for j, block in enumerate(self.content):
-            if block.type not in ROLE_BLOCKS[self.role]:
-                raise ValueError(f"block {j}: a {self.role} message cannot carry a `{block.type}` block "
-                                 f"(allowed: {', '.join(sorted(ROLE_BLOCKS[self.role]))})")
-        return self
+    @field_validator("content")
+    @classmethod
+    def _blocks_fit_the_role(cls, content: list[Block], info: ValidationInfo) -> list[Block]:
+        role = info.data.get("role")
+        for j, block in enumerate(content if role in ROLE_BLOCKS else []):
+            if block.type not in ROLE_BLOCKS[role]:
+                raise ValueError(f"block {j}: a {role} message cannot carry a `{block.type}` block "
+                                 f"(allowed: {', '.join(sorted(ROLE_BLOCKS[role]))})")
+        return content
 
     def text(self) -> str:
         return "".join(block.text for block in self.content if isinstance(block, TextBlock))

@@ -21,7 +21,7 @@ NAMES = WireNames(prompt="input", max_tokens="max_output_tokens", output_schema=
                   tool_parameters="tools.{index}.parameters", reasoning_effort="reasoning.effort")
 
 
-def get_store(request: Request) -> ResponseStore:
+async def get_store(request: Request) -> ResponseStore:
     """FastAPI dependency: the app's response store."""
     return request.app.state.response_store
 
