@@ -7,7 +7,6 @@ and name, then its arguments under the same index), a finish chunk per choice, u
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 from openai.types import CompletionUsage
@@ -19,9 +18,8 @@ from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkChoic
 
 from minimind_course.engine.engine import ChoiceDelta as EngineDelta
 from minimind_course.engine.engine import GenerationResult, StepOutput
-from minimind_course.serving.protocol import error_body
-from minimind_course.serving.rendering import AnswerParser, Renderer, ResponseMeta, TokenText, tool_call_message, usage
-from minimind_course.serving.sse import DONE, sse
+from minimind_course.serving.rendering import AnswerParser, ChunkRenderer, ResponseMeta, TokenText, tool_call_message, usage
+from minimind_course.serving.sse import sse
 
 
 def delta_choice(index: int, delta: ChoiceDelta, finish_reason: str | None = None) -> ChunkChoice:
@@ -29,7 +27,7 @@ def delta_choice(index: int, delta: ChoiceDelta, finish_reason: str | None = Non
     return ChunkChoice(index=index, delta=delta, logprobs=None, finish_reason=finish_reason)
 
 
-class ChatRenderer(Renderer):
+class ChatRenderer(ChunkRenderer):
     """Engine output as chat completions (``call_finish``: see ``AnswerParser``; ``tokens``: logprobs wanted)."""
 
     def __init__(self, meta: ResponseMeta, n: int, thinking: bool, tokens: TokenText | None = None,
@@ -90,12 +88,3 @@ class ChatRenderer(Renderer):
                 yield self.chunk([delta_choice(out.index, ChoiceDelta(tool_calls=[part]))])
         if out.finish_reason:
             yield self.chunk([delta_choice(out.index, ChoiceDelta(), parser.finish_reason(out.finish_reason))])
-
-    def end(self, last: StepOutput | None) -> Iterator[str]:
-        if self.include_usage and last is not None:
-            yield self.chunk([], usage(last.prompt_tokens, last.completion_tokens))
-        yield DONE
-
-    def failure(self, message: str) -> Iterator[str]:
-        yield sse(json.dumps(error_body(500, message)))
-        yield DONE

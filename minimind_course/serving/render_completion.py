@@ -3,19 +3,17 @@ finish reason on the last), usage when asked, ``[DONE]``."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 from openai.types import Completion, CompletionChoice, CompletionUsage
 
 from minimind_course.engine.engine import ChoiceDelta as EngineDelta
 from minimind_course.engine.engine import GenerationResult, StepOutput
-from minimind_course.serving.protocol import error_body
-from minimind_course.serving.rendering import Renderer, ResponseMeta, usage
-from minimind_course.serving.sse import DONE, sse
+from minimind_course.serving.rendering import ChunkRenderer, ResponseMeta, usage
+from minimind_course.serving.sse import sse
 
 
-class CompletionRenderer(Renderer):
+class CompletionRenderer(ChunkRenderer):
     """Engine output as ``/v1/completions`` objects."""
 
     def __init__(self, meta: ResponseMeta, include_usage: bool = False):
@@ -38,12 +36,3 @@ class CompletionRenderer(Renderer):
     def step(self, out: EngineDelta) -> Iterator[str]:
         yield self.chunk([CompletionChoice.model_construct(index=out.index, text=out.text, logprobs=None,
                                                            finish_reason=out.finish_reason)])
-
-    def end(self, last: StepOutput | None) -> Iterator[str]:
-        if self.include_usage and last is not None:
-            yield self.chunk([], usage(last.prompt_tokens, last.completion_tokens))
-        yield DONE
-
-    def failure(self, message: str) -> Iterator[str]:
-        yield sse(json.dumps(error_body(500, message)))
-        yield DONE

@@ -8,6 +8,7 @@ own types, so strict clients parse them, and a streamed answer accumulates into 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,9 @@ from pydantic import BaseModel
 
 from minimind_course.engine.engine import ChoiceDelta as EngineDelta
 from minimind_course.engine.engine import GenerationResult, StepOutput, TokenLogprob
+from minimind_course.serving.protocol import error_body
 from minimind_course.serving.reasoning import ThinkParser
+from minimind_course.serving.sse import DONE, sse
 from minimind_course.serving.tool_parser import ParsedToolCall, ToolCallParser
 
 
@@ -59,6 +62,25 @@ class Renderer:
     def failure(self, message: str) -> Iterator[str]:
         """Events that report a failure after the 200 header was sent (it can only travel as an event)."""
         raise NotImplementedError
+
+
+class ChunkRenderer(Renderer):
+    """OpenAI's chunk streams (chat and completions): ``data:`` chunks, usage in a last chunk, then ``[DONE]``."""
+
+    include_usage: bool = False
+
+    def chunk(self, choices: list, usage_: CompletionUsage | None = None) -> str:
+        """One ``data:`` frame holding ``choices`` (and ``usage_`` when given)."""
+        raise NotImplementedError
+
+    def end(self, last: StepOutput | None) -> Iterator[str]:
+        if self.include_usage and last is not None:
+            yield self.chunk([], usage(last.prompt_tokens, last.completion_tokens))
+        yield DONE
+
+    def failure(self, message: str) -> Iterator[str]:
+        yield sse(json.dumps(error_body(500, message)))
+        yield DONE
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
