@@ -149,3 +149,12 @@ def test_batching_flags_reach_the_engine_and_bad_values_are_refused(capsys):
 def test_a_kv_cache_smaller_than_one_sequence_is_one_line():
     result = run_cli(*MODEL, "--kv-cache-memory", "1", "--port", "0")  # 1 MiB: 256 tokens of the bundled model
     assert_one_line_error(result, "KV cache of 1 MiB holds")
+
+
+def test_flags_vllm_shares_are_passed_to_it_before_its_own():
+    from minimind_course.serving.vllm_launcher import vllm_flags
+
+    assert vllm_flags(parse_args(["--backend", "vllm", "--tool-grammar", "off"])) == ["--max-num-seqs", "32"]
+    args = parse_args(["--backend", "vllm", "--no-enable-prefix-caching", "--max-num-seqs", "4", "--",
+                       "--gpu-memory-utilization", "0.8"])
+    assert vllm_flags(args) == ["--max-num-seqs", "4", "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.8"]

@@ -188,6 +188,14 @@ class VLLMServer(ChildServer):
         return VLLMStartError(message)
 
 
+def vllm_flags(args) -> list[str]:
+    """Our flags that vLLM has too, then `serve --backend vllm -- FLAGS` verbatim (a later flag wins)."""
+    flags = ["--max-num-seqs", str(args.max_num_seqs)] if getattr(args, "max_num_seqs", None) else []
+    if getattr(args, "enable_prefix_caching", True) is False:  # vLLM caches prefixes by default too
+        flags.append("--no-enable-prefix-caching")
+    return [*flags, *getattr(args, "vllm_args", ())]
+
+
 def serve_vllm(args) -> int:
     """``python -m minimind_course.serve --backend vllm``: export (cached), run vLLM in the foreground, its exit code.
 
@@ -224,9 +232,7 @@ def serve_vllm(args) -> int:
         # origin at all, rather than vLLM's default of every website
         cors_origins=() if args.cors_origins is None else args.cors_origins,
         dtype=dtype,
-        # our --max-num-seqs, then `serve --backend vllm -- FLAGS`: vLLM's own flags, verbatim (a later flag wins)
-        extra_args=([*(["--max-num-seqs", str(args.max_num_seqs)] if getattr(args, "max_num_seqs", None) else []),
-                     *getattr(args, "vllm_args", ())]),
+        extra_args=vllm_flags(args),
         inherit_output=True,
         startup_timeout=float("inf"),  # vLLM logs its own progress; Ctrl-C stops the wait
     )
