@@ -11,8 +11,9 @@ Fixture names (session-scoped unless noted):
 - ``client`` / ``async_client`` (function scope): ``openai.OpenAI`` / ``openai.AsyncOpenAI`` for ``endpoint``.
   Async fixtures live on the session event loop (pyproject), so async tests are marked
   ``@pytest.mark.asyncio(loop_scope="session")``.
-- ``make_server`` (function scope): ``make_server(**create_app_kwargs, max_queue=..)`` starts an extra server on
-  the same model (e.g. with an API key, a tiny queue or a tiny body limit) and stops it after the test.
+- ``make_server`` (function scope): ``make_server(**create_app_kwargs, max_queue=.., own=..)`` starts an extra
+  server on the same model (e.g. with an API key, a tiny queue or a tiny body limit), or on an engine of the test's
+  own, and stops it (and that engine) after the test.
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def make_server(engine: Engine):
     """Factory for extra servers over the same model; every one is stopped after the test."""
     started: list[tuple[BackgroundServer, Engine | None]] = []
 
-    def start(max_queue: int | None = None, **app_kwargs) -> BackgroundServer:
-        own = Engine(engine.model, engine.tokenizer, max_queue=max_queue) if max_queue is not None else None
+    def start(max_queue: int | None = None, *, own: Engine | None = None, **app_kwargs) -> BackgroundServer:
+        """``own``: an engine of the test's (closed afterwards); ``max_queue``: a fresh one over the same model."""
+        if own is None and max_queue is not None:
+            own = Engine(engine.model, engine.tokenizer, max_queue=max_queue)
         running = BackgroundServer(create_app(own or engine, **app_kwargs)).start()
         started.append((running, own))
         return running

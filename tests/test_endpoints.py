@@ -12,7 +12,6 @@ import pytest
 
 from minimind_course.engine.engine import Engine
 from minimind_course.launch import BackgroundServer
-from minimind_course.serving.app import create_app
 from minimind_course.serving.sse import sse
 from scripted_model import ScriptedLM, byte_tokens
 
@@ -24,23 +23,6 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "查询一个城市的天气。" * 20,
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市名"}},
                    "required": ["city"]}}}
-
-
-@pytest.fixture
-def start(engine):
-    """Start a server: ``start(engine=None, **create_app_kwargs)`` (default: the shared engine); stopped after."""
-    running = []
-
-    def run(own: Engine | None = None, **kwargs) -> BackgroundServer:
-        server = BackgroundServer(create_app(own or engine, **kwargs)).start()
-        running.append((server, own))
-        return server
-
-    yield run
-    for server, own in running:
-        server.stop()
-        if own is not None:
-            own.close()
 
 
 def post(server: BackgroundServer, path: str, body: dict, **kwargs) -> httpx.Response:
@@ -82,8 +64,8 @@ def test_tokenizer_routes_refuse_bad_input_in_openai_shape(server, path, body, p
     assert response.status_code in (400, 404) and response.json()["error"]["param"] == param
 
 
-def test_the_api_key_guards_the_tokenizer_routes_too(start):
-    server = start(api_key="芝麻开门".encode().hex())
+def test_the_api_key_guards_the_tokenizer_routes_too(make_server):
+    server = make_server(api_key="芝麻开门".encode().hex())
     assert post(server, "/tokenize", {"prompt": "你好"}).status_code == 401
     assert post(server, "/detokenize", {"tokens": [1]}).status_code == 401
     headers = {"Authorization": "Bearer " + "芝麻开门".encode().hex()}
@@ -100,8 +82,8 @@ def scripted_engine(engine: Engine, text: str, chat_template: str | None = None)
     return Engine(ScriptedLM(script, len(tokenizer)), tokenizer)
 
 
-def test_reasoning_effort_switches_a_thinking_template(start, engine):
-    server = start(scripted_engine(engine, "想一想。\n</think>\n\n你好！", THINKING_TEMPLATE))
+def test_reasoning_effort_switches_a_thinking_template(make_server, engine):
+    server = make_server(own=scripted_engine(engine, "想一想。\n</think>\n\n你好！", THINKING_TEMPLATE))
     with openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as client:
         def ask(**extra):
             return client.chat.completions.create(model="minimind", messages=CHINESE, max_tokens=100, **extra)
@@ -148,8 +130,8 @@ def test_cors_default_refuses_other_websites(server, origin):
     assert "access-control-allow-origin" not in simple.headers  # the browser will not hand the answer to the page
 
 
-def test_cors_star_only_when_asked_for(start):
-    server = start(cors_origins=["*"])
+def test_cors_star_only_when_asked_for(make_server):
+    server = make_server(cors_origins=["*"])
     assert preflight(server, "https://evil.example").headers["access-control-allow-origin"] == "*"
 
 
@@ -161,8 +143,8 @@ def small_engine(engine):
     small.close()
 
 
-def test_max_tokens_beyond_the_context_is_clamped_by_default(start, small_engine):
-    server = start(small_engine)
+def test_max_tokens_beyond_the_context_is_clamped_by_default(make_server, small_engine):
+    server = make_server(own=small_engine)
     with openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as client:
         answer = client.chat.completions.create(model="minimind", messages=CHINESE, max_completion_tokens=10**6,
                                                 extra_body={"ignore_eos": True})
@@ -175,8 +157,8 @@ def test_max_tokens_beyond_the_context_is_clamped_by_default(start, small_engine
     assert streamed[-1].usage.total_tokens == 48
 
 
-def test_max_tokens_overflow_error_keeps_vllms_400(start, small_engine):
-    server = start(small_engine, max_tokens_overflow="error")
+def test_max_tokens_overflow_error_keeps_vllms_400(make_server, small_engine):
+    server = make_server(own=small_engine, max_tokens_overflow="error")
     response = post(server, "/v1/chat/completions", {"messages": CHINESE, "max_completion_tokens": 100})
     error = response.json()["error"]
     assert response.status_code == 400 and error["param"] == "max_completion_tokens"
@@ -185,8 +167,8 @@ def test_max_tokens_overflow_error_keeps_vllms_400(start, small_engine):
     assert ok.status_code == 200
 
 
-def test_a_prompt_that_does_not_fit_is_400_and_names_the_tool_definitions(start, small_engine):
-    server = start(small_engine)
+def test_a_prompt_that_does_not_fit_is_400_and_names_the_tool_definitions(make_server, small_engine):
+    server = make_server(own=small_engine)
     tools = [WEATHER, {**WEATHER, "function": {**WEATHER["function"], "name": "get_time"}}]
     response = post(server, "/v1/chat/completions", {"messages": CHINESE, "tools": tools})
     error = response.json()["error"]
